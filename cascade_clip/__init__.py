@@ -1,0 +1,1 @@
+"""cascade-clip: a fast, faithful Cascade-CLIP (ICML 2024) for zero-shot semantic segmentation."""

@@ -1,0 +1,126 @@
+"""The three hot ops of the Cascade-CLIP head, behind a backend switch.
+
+Every function validates its inputs here, once, and then hands them to the selected backend
+(``"reference"`` PyTorch, ``"triton"`` fused kernels, ``"cpp"`` C++ extension). Model code only calls these functions,
+so a new backend never touches the model. Gradients flow to every floating-point input.
+
+* ``nga(feats, weights)``: feats ``(S, K, B, N, D)``, weights ``(S, K)`` float32 -> ``(S, B, N, D)``;
+  ``out[s] = sum_k weights[s, k] * feats[s, k]``, accumulated in float32, returned in feats' dtype.
+* ``descriptor(text, g, weight, bias)``: text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)``
+  -> ``(S, B, C, e)``; ``concat(text * g[b], text) @ weight[s].T + bias[s]``, in g's dtype.
+* ``mask_logits(q, k, scale, normalize=False)``: q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale a float or ``(S,)``
+  -> ``(B, C, N)``; ``sum_s scale[s] * <q_hat[s, b, c], k_hat[s, b, n]>`` where ``x_hat = x / max(|x|, 1e-12)``
+  if ``normalize`` else ``x``. The decoder's head-averaged attention logits are this op with
+  ``scale = head_dim ** -0.5 / heads``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .registry import available_backends, get_backend, resolve, set_backend, unavailable_reason
+
+__all__ = [
+    "nga",
+    "descriptor",
+    "mask_logits",
+    "available_backends",
+    "set_backend",
+    "get_backend",
+    "unavailable_reason",
+]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    _require(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    _require(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    _require(all(d == first for d in devices.values()), f"inputs must share one device, got {devices}")
+    return first
+
+
+def nga(feats: torch.Tensor, weights: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Neighborhood Gaussian Aggregation: weighted sum of each stage's taps.
+
+    feats ``(S, K, B, N, D)``, weights ``(S, K)`` -> ``(S, B, N, D)`` in feats' dtype, float32 accumulation.
+    """
+    _check_float("feats", feats)
+    _check_float("weights", weights)
+    _require(feats.dim() == 5, f"nga: feats must be (S, K, B, N, D), got shape {tuple(feats.shape)}")
+    _require(
+        weights.shape == feats.shape[:2],
+        f"nga: weights must be (S, K) = {tuple(feats.shape[:2])}, got {tuple(weights.shape)}",
+    )
+    device = _check_same_device(feats=feats, weights=weights)
+    return resolve(backend, device).nga(feats, weights)
+
+
+def descriptor(
+    text: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Relationship descriptor ``[T * g, T]`` through each stage's query projection.
+
+    text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)`` in g's dtype.
+    """
+    for name, t in (("text", text), ("g", g), ("weight", weight), ("bias", bias)):
+        _check_float(name, t)
+    _require(text.dim() == 2, f"descriptor: text must be (C, d), got shape {tuple(text.shape)}")
+    _require(g.dim() == 2, f"descriptor: g must be (B, d), got shape {tuple(g.shape)}")
+    d = text.shape[1]
+    _require(g.shape[1] == d, f"descriptor: g width {g.shape[1]} != text width {d}")
+    _require(
+        weight.dim() == 3 and weight.shape[2] == 2 * d,
+        f"descriptor: weight must be (S, e, 2d) with 2d = {2 * d}, got shape {tuple(weight.shape)}",
+    )
+    _require(
+        bias.shape == weight.shape[:2],
+        f"descriptor: bias must be (S, e) = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}",
+    )
+    device = _check_same_device(text=text, g=g, weight=weight, bias=bias)
+    return resolve(backend, device).descriptor(text, g, weight, bias)
+
+
+def mask_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: Union[float, torch.Tensor],
+    *,
+    normalize: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Stage-summed (optionally cosine) logits ``sum_s scale[s] * q_hat[s] @ k_hat[s].T``.
+
+    q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale a float or ``(S,)`` tensor -> ``(B, C, N)`` in q's dtype.
+    """
+    _check_float("q", q)
+    _check_float("k", k)
+    _require(q.dim() == 4, f"mask_logits: q must be (S, B, C, d), got shape {tuple(q.shape)}")
+    _require(k.dim() == 4, f"mask_logits: k must be (S, B, N, d), got shape {tuple(k.shape)}")
+    _require(
+        k.shape[0] == q.shape[0] and k.shape[1] == q.shape[1] and k.shape[3] == q.shape[3],
+        f"mask_logits: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on S, B and d",
+    )
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.full((q.shape[0],), float(scale), dtype=torch.float32, device=q.device)
+    _check_float("scale", scale)
+    if scale.dim() == 0:
+        scale = scale.expand(q.shape[0])
+    _require(scale.shape == (q.shape[0],), f"mask_logits: scale must be a float or (S,) = ({q.shape[0]},), got {tuple(scale.shape)}")
+    device = _check_same_device(q=q, k=k, scale=scale)
+    return resolve(backend, device).mask_logits(q, k, scale, bool(normalize))

@@ -1,0 +1,130 @@
+"""Backend registry of :mod:`cascade_clip.ops`.
+
+A backend is a named triple of functions ``(nga, descriptor, mask_logits)`` with the signatures of
+:mod:`cascade_clip.ops.reference`. Backends other than ``"reference"`` are loaded lazily by a loader function, so a
+missing Triton or a C++ extension built for another torch only removes that backend; it never breaks the import.
+
+The process default is ``"auto"`` unless ``CASCADE_CLIP_BACKEND`` names another backend; :func:`set_backend` changes
+it. ``"auto"`` picks, per call, the fastest backend available for the device of the inputs: ``"triton"`` for CUDA
+tensors, ``"cpp"`` for CPU tensors, ``"reference"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import reference
+
+ENV_VAR = "CASCADE_CLIP_BACKEND"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the three ops."""
+
+    name: str
+    nga: Callable
+    descriptor: Callable
+    mask_logits: Callable
+    # Which tensor devices ("cpu", "cuda") this backend is meant for; "auto" only routes those here.
+    devices: tuple = ("cpu", "cuda")
+
+
+# name -> "module:function" returning a Backend (or raising ImportError/RuntimeError when unavailable).
+# Later issues add their backends here; model code never changes.
+_LOADERS: Dict[str, str] = {
+    "triton": "cascade_clip.kernels:load_backend",
+    "cpp": "cascade_clip._cpp_backend:load_backend",
+}
+# Preference order of "auto" per device type.
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+
+_lock = threading.Lock()
+_backends: Dict[str, Backend] = {
+    "reference": Backend("reference", reference.nga, reference.descriptor, reference.mask_logits)
+}
+_failed: Dict[str, str] = {}
+_default: Optional[str] = None
+
+
+def _try_load(name: str) -> Optional[Backend]:
+    if name in _backends:
+        return _backends[name]
+    if name in _failed or name not in _LOADERS:
+        return None
+    module_name, func_name = _LOADERS[name].split(":")
+    with _lock:
+        if name in _backends:
+            return _backends[name]
+        try:
+            backend = getattr(importlib.import_module(module_name), func_name)()
+        except (ImportError, RuntimeError, OSError, AttributeError) as exc:
+            _failed[name] = f"{type(exc).__name__}: {exc}"
+            return None
+        _backends[name] = backend
+        return backend
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why backend ``name`` did not load (``None`` if it loaded or was never tried)."""
+    _try_load(name)
+    return _failed.get(name)
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that load in this process, ``"reference"`` first."""
+    names = ["reference"]
+    for name in _LOADERS:
+        if _try_load(name) is not None:
+            names.append(name)
+    return names
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a string, got {type(name).__name__}")
+    known = [AUTO, "reference", *_LOADERS]
+    if name not in known:
+        raise ValueError(f"unknown ops backend {name!r}; known: {known}")
+    if name not in (AUTO, "reference") and _try_load(name) is None:
+        raise ValueError(f"ops backend {name!r} is not available: {_failed.get(name, 'not loaded')}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"``)."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    """The process-wide default backend name (``CASCADE_CLIP_BACKEND`` if set, else ``"auto"``)."""
+    global _default
+    if _default is None:
+        env = os.environ.get(ENV_VAR, AUTO).strip() or AUTO
+        try:
+            _default = _check_name(env)
+        except ValueError as exc:
+            warnings.warn(f"{ENV_VAR}={env!r} ignored: {exc}; using 'auto'", stacklevel=3)
+            _default = AUTO
+    return _default
+
+
+def resolve(name: Optional[str], device: torch.device) -> Backend:
+    """The backend that serves a call with ``backend=name`` on tensors of ``device``."""
+    name = get_backend() if name is None else _check_name(name)
+    if name != AUTO:
+        return _backends[name] if name in _backends else _try_load(name)
+    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        backend = _try_load(candidate)
+        if backend is not None and device.type in backend.devices:
+            return backend
+    return _backends["reference"]
