@@ -1,0 +1,111 @@
+"""Text-to-image decoders of the cascade (the official ``TPN_Decoder`` / ``TPN_DecoderLayer``).
+
+A layer is cross-attention from class queries ``X`` (B, C, d) to an image memory ``M`` (B, N, d), then residual +
+``norm2``, then a ReLU FFN + residual + ``norm3`` (MODEL_SPEC.md section 3.3). The official layer also builds
+``self_attn``/``norm1``/``dropout1`` (``nn.TransformerDecoderLayer`` leftovers) that it never calls; they are not built
+here and their checkpoint keys are skipped on load.
+
+Attention runs through ``F.scaled_dot_product_attention`` (flash/cuDNN/memory-efficient kernels on GPU) instead of
+materialising the per-head logits. Only the last layer's head-averaged pre-softmax logits are used by the model, and
+they equal one scaled ``q k^T`` product (``ops.mask_logits``), so the last layer's value path, ``proj``, ``norm2``, FFN
+and ``norm3`` are skipped in the forward pass; their parameters are kept (frozen) so checkpoints round-trip.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention with separate biased q/k/v projections and an output ``proj`` (official ``Attention``)."""
+
+    def __init__(self, *, dim: int, heads: int, attn_dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"decoder dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.attn_dropout = attn_dropout
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    @property
+    def logit_scale(self) -> float:
+        """Head-averaged pre-softmax logits = this scale times the full-width ``q k^T``."""
+        return self.head_dim**-0.5 / self.heads
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, heads, L, head_dim)."""
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """queries (B, C, d), memory (B, N, d) -> attended (B, C, d)."""
+        q, k, v = self._split(self.q(queries)), self._split(self.k(memory)), self._split(self.v(memory))
+        dropout = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # scale = head_dim ** -0.5
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class DecoderLayer(nn.Module):
+    """One cascade decoder layer: cross-attention, add & ``norm2``, ReLU FFN, add & ``norm3``."""
+
+    def __init__(self, *, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.multihead_attn = CrossAttention(dim=dim, heads=heads, attn_dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """queries (B, C, d), memory (B, N, d) -> updated queries (B, C, d)."""
+        x = self.norm2(queries + self.dropout2(self.multihead_attn(queries, memory)))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm3(x + self.dropout3(ffn))
+
+    def query_key(self, queries: torch.Tensor, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The projected q (B, C, d) and k (B, N, d) whose scaled product gives the layer's mask logits."""
+        return self.multihead_attn.q(queries), self.multihead_attn.k(memory)
+
+    def mask_logit_only_parameters(self):
+        """Parameters that do not affect this layer's mask logits (unused when the layer is last in a decoder)."""
+        attn = self.multihead_attn
+        for module in (attn.v, attn.proj, self.norm2, self.norm3, self.linear1, self.linear2):
+            yield from module.parameters()
+
+
+class CascadeDecoder(nn.Module):
+    """``num_layers`` decoder layers over one memory; returns the last layer's projected q and k.
+
+    The official decoder deep-copies one layer, so all layers start identical (MODEL_SPEC.md section 6.5).
+    """
+
+    def __init__(self, *, dim: int, heads: int, ffn_dim: int, dropout: float, num_layers: int):
+        super().__init__()
+        first = DecoderLayer(dim=dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout)
+        self.layers = nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(num_layers - 1)])
+        # The last layer's value path, proj, norms and FFN never reach the output: freeze them so optimisers and DDP
+        # see only parameters that receive gradients.
+        for p in self.layers[-1].mask_logit_only_parameters():
+            p.requires_grad_(False)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.layers[-1].multihead_attn.logit_scale
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, C, d), memory (B, N, d) -> (q (B, C, d), k (B, N, d)) of the last layer."""
+        for layer in self.layers[:-1]:
+            queries = layer(queries, memory)
+        return self.layers[-1].query_key(queries, memory)
+

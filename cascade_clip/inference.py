@@ -1,0 +1,68 @@
+"""Sliding-window zero-shot inference (official ``slide_inference`` with the head's eval-mode calibration).
+
+Per window: ``sigmoid(mask_logits)``, minus ``calibration`` on the seen classes; the calibrated scores of overlapping
+windows are averaged per pixel (MODEL_SPEC.md sections 3.5 and 4).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def window_starts(size: int, crop: int, stride: int) -> list:
+    """Official window placement along one axis: (start, end) pairs, the last window flush with the border."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    spans = []
+    for i in range(count):
+        end = min(i * stride + crop, size)
+        spans.append((max(end - crop, 0), end))
+    return spans
+
+
+def calibrated_scores(mask_logits: torch.Tensor, seen: Sequence[int], calibration: float) -> torch.Tensor:
+    """(B, C, H, W) logits -> sigmoid scores with ``calibration`` subtracted on the ``seen`` channels."""
+    scores = torch.sigmoid(mask_logits.float())
+    if calibration and len(seen):
+        index = torch.as_tensor(list(seen), device=scores.device, dtype=torch.long)
+        scores[:, index] -= calibration
+    return scores
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad (B, 3, H, W) at the bottom/right so H and W are multiples of ``multiple``."""
+    pad_h = (-images.shape[-2]) % multiple
+    pad_w = (-images.shape[-1]) % multiple
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    return images
+
+
+def slide_inference(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    num_classes: int,
+    crop: int,
+    stride: int,
+    patch: int,
+    seen: Sequence[int],
+    calibration: float,
+) -> torch.Tensor:
+    """Average of calibrated window scores over (B, 3, H, W) -> (B, C, H, W) float32.
+
+    ``logits_fn`` maps a window (B, 3, h, w) whose sides are multiples of ``patch`` to mask logits (B, C, h, w).
+    Windows smaller than the crop (images smaller than it) are zero-padded to the patch multiple and cropped back.
+    """
+    batch, _, height, width = images.shape
+    total = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
+    count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for y1, y2 in window_starts(height, crop, stride):
+        for x1, x2 in window_starts(width, crop, stride):
+            window = images[:, :, y1:y2, x1:x2]
+            logits = logits_fn(pad_to_multiple(window, patch))[:, :, : y2 - y1, : x2 - x1]
+            total[:, :, y1:y2, x1:x2] += calibrated_scores(logits, seen, calibration)
+            count[:, :, y1:y2, x1:x2] += 1
+    return total / count
