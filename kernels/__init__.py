@@ -1,8 +1,26 @@
 """Fused Triton kernels for the head ops, installed as ``cascade_clip.kernels``.
 
-The ``"triton"`` backend of :mod:`cascade_clip.ops` is loaded through :func:`load_backend`.
+The ``"triton"`` backend of :mod:`cascade_clip.ops` is loaded through :func:`load_backend`. Each op lives in its own
+module (``nga``, ``descriptor``, ``mask_logits``) as three layers: ``@triton.jit`` kernels, a plain-Python launcher,
+and a ``torch.library.custom_op`` in the ``cascade_clip_triton`` namespace with a fake and an autograd formula, so
+``torch.compile(fullgraph=True)`` traces through it. Launch settings come from :mod:`.launch`.
+
+Importing this package does not import Triton; :func:`load_backend` does. Under ``TRITON_INTERPRET=1`` the kernels
+run on CPU tensors (that is how the CPU tests run them); ``"auto"`` only routes CUDA tensors here.
 """
 
 
 def load_backend():
-    raise ImportError("the Triton kernels are not implemented yet")
+    """The ``"triton"`` :class:`~cascade_clip.ops.registry.Backend`; ImportError when Triton is missing."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # registry reports the reason and keeps the other backends
+        raise ImportError(f"triton is not installed: {exc}") from exc
+
+    from cascade_clip.ops.registry import Backend
+
+    from .descriptor import descriptor
+    from .mask_logits import mask_logits
+    from .nga import nga
+
+    return Backend("triton", nga, descriptor, mask_logits, devices=("cuda",))

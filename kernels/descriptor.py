@@ -1,0 +1,347 @@
+"""Relationship descriptor: ``out[s, b] = concat(text * g[b], text) @ weight[s].T + bias[s]``.
+
+text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)`` in g's dtype.
+
+Split the projection at the concatenation: ``weight[s] = [W1 | W2]`` with ``W1, W2`` of shape ``(e, d)``, so
+
+    out[s, b] = (text * g[b]) @ W1.T  +  (text @ W2.T + bias[s])
+
+The second term does not depend on the image ``b``. Each program owns one ``(C, e)`` tile of one stage: it computes
+the text term once, then for every image adds the ``text * g[b]`` term (the product is formed in registers, one
+``(BLOCK_C, BLOCK_K)`` slice at a time) and stores. The ``(B, C, 2d)`` concatenation is never built, the text half
+costs ``C*e*d`` instead of ``B*C*e*d`` multiply-adds, and all stages run in one launch.
+
+Backward, with ``G = d out`` of shape ``(S, B, C, e)`` and ``Gsum[s] = sum_b G[s, b]`` (``(S, C, e)``, float32):
+
+* ``H[s, b] = G[s, b] @ W1[s]`` (``(C, d)``) is the gradient of ``text * g[b]``; ``d text = sum_{s,b} g[b] * H[s, b] +
+  sum_s Gsum[s] @ W2[s]`` and ``d g[b] = sum_{s,c} text * H[s, b]``: one kernel, per-stage float32 partials.
+* ``d W1[s] = sum_b G[s, b].T @ (text * g[b])`` (one product over the joint ``(b, c)`` axis, again without the
+  concatenation) and ``d W2[s] = Gsum[s].T @ text``: one kernel over ``(e, 2d)`` tiles.
+* ``d bias[s] = sum_c Gsum[s]``.
+All reductions are fixed-order sums of float32 partials (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import block_size, contiguous, dot_precision, num_warps
+
+# Tile caps: (C, e) tiles of 64x64 with K-slices of 64 keep the fp32 accumulator at 16 registers/thread at 8 warps.
+_CAP_C, _CAP_E, _CAP_K = 64, 64, 64
+
+
+@triton.jit
+def _descriptor_fwd_kernel(
+    text_ptr,  # (C, d)
+    g_ptr,  # (B, d)
+    w_ptr,  # (S, e, 2d)
+    bias_ptr,  # (S, e)
+    out_ptr,  # (S, B, C, e), g's dtype
+    B,
+    C,
+    E,
+    D,  # d, the width of text and g
+    stride_tc, stride_td,  # text (C, d)
+    stride_gb, stride_gd,  # g (B, d)
+    stride_ws, stride_we, stride_wk,  # weight (S, e, 2d)
+    stride_bs, stride_be,  # bias (S, e)
+    stride_os, stride_ob, stride_oc, stride_oe,  # out (S, B, C, e)
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % num_c
+    pid_e = pid // num_c
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_c = offs_c < C
+    mask_e = offs_e < E
+    w_base = w_ptr + s * stride_ws
+    dtype = text_ptr.dtype.element_ty
+
+    # text term: text @ W2.T + bias, once for all images
+    acc_text = tl.zeros([BLOCK_C, BLOCK_E], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < D
+        t = tl.load(text_ptr + offs_c[:, None] * stride_tc + kk[None, :] * stride_td,
+                    mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        w2 = tl.load(w_base + offs_e[None, :] * stride_we + (D + kk)[:, None] * stride_wk,
+                     mask=mask_k[:, None] & mask_e[None, :], other=0.0)  # (BLOCK_K, BLOCK_E) = W2.T slice
+        acc_text = tl.dot(t, w2, acc_text, input_precision=PRECISION)
+    bias = tl.load(bias_ptr + s * stride_bs + offs_e * stride_be, mask=mask_e, other=0.0).to(tl.float32)
+    acc_text += bias[None, :]
+
+    for b in range(B):
+        acc = acc_text
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < D
+            t = tl.load(text_ptr + offs_c[:, None] * stride_tc + kk[None, :] * stride_td,
+                        mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            gv = tl.load(g_ptr + b * stride_gb + kk * stride_gd, mask=mask_k, other=0.0).to(tl.float32)
+            x = (t * gv[None, :]).to(dtype)  # one slice of text * g[b]; the concat never exists
+            w1 = tl.load(w_base + offs_e[None, :] * stride_we + kk[:, None] * stride_wk,
+                         mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+            acc = tl.dot(x, w1, acc, input_precision=PRECISION)
+        out_ptrs = out_ptr + s * stride_os + b * stride_ob + offs_c[:, None] * stride_oc + offs_e[None, :] * stride_oe
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_e[None, :])
+
+
+@triton.jit
+def _descriptor_bwd_x_kernel(
+    grad_ptr,  # (S, B, C, e) compute dtype
+    gsum_ptr,  # (S, C, e) float32, sum over b of grad
+    text_ptr,  # (C, d)
+    g_ptr,  # (B, d)
+    w_ptr,  # (S, e, 2d)
+    dtext_part_ptr,  # (S, C, d) float32: this stage's share of d text
+    dg_part_ptr,  # (S, num_c, B, d) float32: this stage's and this class block's share of d g
+    B,
+    C,
+    E,
+    D,
+    stride_gs, stride_gb, stride_gc, stride_ge,  # grad (S, B, C, e)
+    stride_ss, stride_sc, stride_se,  # gsum (S, C, e)
+    stride_tc, stride_td,  # text (C, d)
+    stride_bb, stride_bd,  # g (B, d)
+    stride_ws, stride_we, stride_wk,  # weight (S, e, 2d)
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % num_c
+    pid_k = pid // num_c
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_c = offs_c < C
+    mask_k = offs_k < D
+    w_base = w_ptr + s * stride_ws
+    dtype = text_ptr.dtype.element_ty
+
+    # text half: Gsum[s] @ W2[s]
+    acc_text = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        ee = e0 + offs_e
+        mask_e = ee < E
+        gs = tl.load(gsum_ptr + s * stride_ss + offs_c[:, None] * stride_sc + ee[None, :] * stride_se,
+                     mask=mask_c[:, None] & mask_e[None, :], other=0.0)
+        w2 = tl.load(w_base + ee[:, None] * stride_we + (D + offs_k)[None, :] * stride_wk,
+                     mask=mask_e[:, None] & mask_k[None, :], other=0.0)
+        acc_text = tl.dot(gs.to(dtype), w2, acc_text, input_precision=PRECISION)
+
+    t = tl.load(text_ptr + offs_c[:, None] * stride_tc + offs_k[None, :] * stride_td,
+                mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    for b in range(B):
+        h = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            ee = e0 + offs_e
+            mask_e = ee < E
+            gt = tl.load(grad_ptr + s * stride_gs + b * stride_gb + offs_c[:, None] * stride_gc + ee[None, :] * stride_ge,
+                         mask=mask_c[:, None] & mask_e[None, :], other=0.0)
+            w1 = tl.load(w_base + ee[:, None] * stride_we + offs_k[None, :] * stride_wk,
+                         mask=mask_e[:, None] & mask_k[None, :], other=0.0)
+            h = tl.dot(gt, w1, h, input_precision=PRECISION)  # H[s, b] tile: gradient of text * g[b]
+        gv = tl.load(g_ptr + b * stride_bb + offs_k * stride_bd, mask=mask_k, other=0.0).to(tl.float32)
+        acc_text += h * gv[None, :]
+        # padded rows of t are 0, so they add nothing to the class-sum
+        dg = tl.sum(h * t, axis=0)
+        tl.store(dg_part_ptr + ((s * num_c + pid_c) * B + b) * D + offs_k, dg, mask=mask_k)
+    tl.store(dtext_part_ptr + s * C * D + offs_c[:, None] * D + offs_k[None, :], acc_text,
+             mask=mask_c[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _descriptor_bwd_w_kernel(
+    grad_ptr,  # (S, B, C, e) compute dtype
+    gsum_ptr,  # (S, C, e) float32
+    text_ptr,  # (C, d)
+    g_ptr,  # (B, d)
+    dw_ptr,  # (S, e, 2d) weight's dtype, contiguous
+    B,
+    C,
+    E,
+    D,
+    stride_gs, stride_gb, stride_gc, stride_ge,  # grad (S, B, C, e)
+    stride_ss, stride_sc, stride_se,  # gsum (S, C, e)
+    stride_tc, stride_td,  # text (C, d)
+    stride_bb, stride_bd,  # g (B, d)
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)
+    num_e = tl.cdiv(E, BLOCK_E)
+    num_k = tl.cdiv(D, BLOCK_K)
+    pid_e = pid % num_e
+    pid_k2 = pid // num_e  # in [0, 2 * num_k): first the W1 half, then the W2 half
+    half = pid_k2 // num_k
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = (pid_k2 % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_e = offs_e < E
+    mask_k = offs_k < D
+    dtype = text_ptr.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
+    if half == 0:
+        # d W1[s] = sum over the joint (b, c) axis of G.T @ (text * g[b])
+        for b in range(B):
+            gv = tl.load(g_ptr + b * stride_bb + offs_k * stride_bd, mask=mask_k, other=0.0).to(tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + offs_c
+                mask_c = cc < C
+                gT = tl.load(grad_ptr + s * stride_gs + b * stride_gb + cc[None, :] * stride_gc + offs_e[:, None] * stride_ge,
+                             mask=mask_e[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_E, BLOCK_C)
+                t = tl.load(text_ptr + cc[:, None] * stride_tc + offs_k[None, :] * stride_td,
+                            mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(gT, (t * gv[None, :]).to(dtype), acc, input_precision=PRECISION)
+    else:
+        # d W2[s] = Gsum[s].T @ text
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + offs_c
+            mask_c = cc < C
+            gsT = tl.load(gsum_ptr + s * stride_ss + cc[None, :] * stride_sc + offs_e[:, None] * stride_se,
+                          mask=mask_e[:, None] & mask_c[None, :], other=0.0)
+            t = tl.load(text_ptr + cc[:, None] * stride_tc + offs_k[None, :] * stride_td,
+                        mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(gsT.to(dtype), t, acc, input_precision=PRECISION)
+    dw_ptrs = dw_ptr + s * E * 2 * D + offs_e[:, None] * (2 * D) + (half * D + offs_k)[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_e[:, None] & mask_k[None, :])
+
+
+def _check(text, g, weight, bias):
+    if text.dim() != 2 or g.dim() != 2 or weight.dim() != 3 or bias.dim() != 2:
+        raise ValueError("descriptor: text (C, d), g (B, d), weight (S, e, 2d), bias (S, e) expected")
+    d = text.shape[1]
+    if g.shape[1] != d or weight.shape[2] != 2 * d or bias.shape != weight.shape[:2]:
+        raise ValueError(
+            f"descriptor: shapes disagree: text {tuple(text.shape)}, g {tuple(g.shape)}, "
+            f"weight {tuple(weight.shape)}, bias {tuple(bias.shape)}"
+        )
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _blocks(C, E, D):
+    bc, be, bk = block_size(C, _CAP_C), block_size(E, _CAP_E), block_size(D, _CAP_K)
+    return bc, be, bk
+
+
+def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)`` in g's dtype."""
+    _check(text, g, weight, bias)
+    C, D = text.shape
+    B = g.shape[0]
+    S, E = bias.shape
+    out = torch.empty((S, B, C, E), dtype=g.dtype, device=g.device)
+    if out.numel() == 0:
+        return out
+    cd = _compute_dtype(text, g, weight)
+    text, g, weight, bias = (contiguous(t.to(cd)) for t in (text, g, weight, bias))
+    bc, be, bk = _blocks(C, E, D)
+    grid = (triton.cdiv(C, bc) * triton.cdiv(E, be), S)
+    _descriptor_fwd_kernel[grid](
+        text, g, weight, bias, out, B, C, E, D,
+        *text.stride(), *g.stride(), *weight.stride(), *bias.stride(), *out.stride(),
+        BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=dot_precision(cd), num_warps=num_warps(bc * be),
+    )
+    return out
+
+
+def descriptor_backward(grad, text, g, weight, bias):
+    """grad ``(S, B, C, e)`` -> (d text ``(C, d)``, d g ``(B, d)``, d weight ``(S, e, 2d)``, d bias ``(S, e)``)."""
+    C, D = text.shape
+    B = g.shape[0]
+    S, E = bias.shape
+    dev = g.device
+    if grad.numel() == 0 or D == 0:
+        return (torch.zeros_like(text), torch.zeros_like(g), torch.zeros_like(weight), torch.zeros_like(bias))
+    cd = _compute_dtype(text, g, weight)
+    grad = contiguous(grad.to(cd))
+    text_c, g_c, weight_c = (contiguous(t.to(cd)) for t in (text, g, weight))
+    gsum = grad.sum(dim=1, dtype=torch.float32)  # (S, C, e): the text half sees the sum over images
+    d_bias = gsum.sum(dim=1).to(bias.dtype)
+    bc, be, bk = _blocks(C, E, D)
+    num_c = triton.cdiv(C, bc)
+    warps = num_warps(bc * bk)
+    precision = dot_precision(cd)
+
+    dtext_part = torch.empty((S, C, D), dtype=torch.float32, device=dev)
+    dg_part = torch.empty((S, num_c, B, D), dtype=torch.float32, device=dev)
+    _descriptor_bwd_x_kernel[(num_c * triton.cdiv(D, bk), S)](
+        grad, gsum, text_c, g_c, weight_c, dtext_part, dg_part, B, C, E, D,
+        *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(), *weight_c.stride(),
+        BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=precision, num_warps=warps,
+    )
+    d_text = dtext_part.sum(dim=0).to(text.dtype)
+    d_g = dg_part.sum(dim=(0, 1)).to(g.dtype)
+
+    d_weight = torch.empty((S, E, 2 * D), dtype=weight.dtype, device=dev)
+    _descriptor_bwd_w_kernel[(triton.cdiv(E, be) * 2 * triton.cdiv(D, bk), S)](
+        grad, gsum, text_c, g_c, d_weight, B, C, E, D,
+        *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(),
+        BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=precision, num_warps=num_warps(be * bk),
+    )
+    return d_text, d_g, d_weight, d_bias
+
+
+# ---- custom-op layer ----
+
+@torch.library.custom_op("cascade_clip_triton::descriptor", mutates_args=())
+def descriptor_op(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return descriptor_forward(text, g, weight, bias)
+
+
+@descriptor_op.register_fake
+def _(text, g, weight, bias):
+    return g.new_empty((weight.shape[0], g.shape[0], text.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("cascade_clip_triton::descriptor_backward", mutates_args=())
+def descriptor_backward_op(
+    grad: torch.Tensor, text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return descriptor_backward(grad, text, g, weight, bias)
+
+
+@descriptor_backward_op.register_fake
+def _(grad, text, g, weight, bias):
+    return text.new_empty(text.shape), g.new_empty(g.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    text, g, weight, bias = ctx.saved_tensors
+    return descriptor_backward_op(grad, text, g, weight, bias)
+
+
+descriptor_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def descriptor(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Backend entry point: text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)``."""
+    return descriptor_op(text, g, weight, bias)

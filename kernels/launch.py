@@ -1,0 +1,64 @@
+"""Launch settings for every kernel in this package: block sizes, warps, dot precision, autotune configs.
+
+All kernels pick their tile sizes here so that one place decides how sizes map to blocks (Liger's
+``calculate_settings``): a block is the next power of two of the extent, clamped between a floor and a cap. The floor
+is 16 for any axis that feeds ``tl.dot`` (the smallest MMA tile Triton accepts); caps keep register use bounded on
+A100 (sm80) as well as H100.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import triton
+
+# Largest block of an elementwise kernel (elements per program). 4096 fp32 in 8 warps is 16 per thread: wide enough
+# for 16-byte vector loads of every dtype without spilling.
+MAX_ELEMENTWISE_BLOCK = 4096
+# Smallest extent tl.dot accepts on each of M, N and K.
+MIN_DOT_BLOCK = 16
+
+
+def is_interpreter() -> bool:
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``), where autotuning is switched off."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_size(n: int, cap: int, floor: int = MIN_DOT_BLOCK) -> int:
+    """Next power of two of ``n``, clamped to ``[floor, cap]`` (both powers of two)."""
+    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+def num_warps(tile_elements: int) -> int:
+    """Warps for a program that holds ``tile_elements`` fp32 values live: about 32 per thread, 1 to 8 warps.
+
+    Never more than 8: 16 or 32 warps hurt occupancy on sm80 and are not portable (Liger removed its hard-coded 32).
+    """
+    warps = triton.next_power_of_2(max(1, tile_elements // (32 * 32)))
+    return max(1, min(8, warps))
+
+
+def elementwise_settings(n: int) -> tuple:
+    """``(BLOCK, num_warps)`` for a 1-D streaming kernel over ``n`` elements."""
+    block = block_size(n, MAX_ELEMENTWISE_BLOCK, floor=128)
+    return block, num_warps(block * 4)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot``: float32 inputs use TF32 only when torch itself would (matmul precision
+    "high"/"medium"), so the fp32 kernels match eager fp32 matmuls; fp16/bf16 ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def autotune_configs(configs: List["triton.Config"]) -> List["triton.Config"]:
+    """The candidate configs on a GPU, only the first one under the interpreter (autotuning fails there)."""
+    return configs[:1] if is_interpreter() else configs
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous view or copy: expanded (stride-0) gradients and transposed inputs become dense row-major."""
+    return t if t.is_contiguous() else t.contiguous()
