@@ -17,29 +17,39 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: float32, or float64 when an input is float64 (gradcheck)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def nga(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``out[s] = sum_k weights[s, k] * feats[s, k]``, accumulated in float32."""
-    out = torch.einsum("skbnd,sk->sbnd", feats.float(), weights.float())
+    acc = _acc_dtype(feats, weights)
+    out = torch.einsum("skbnd,sk->sbnd", feats.to(acc), weights.to(acc))
     return out.to(feats.dtype)
 
 
 def descriptor(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``concat(text * g[b], text) @ weight[s].T + bias[s]`` for every stage ``s`` and image ``b``."""
-    out_dtype = g.dtype
-    text32, g32 = text.float(), g.float()
+    acc = _acc_dtype(text, g, weight, bias)
+    text_a, g_a = text.to(acc), g.to(acc)
     num_images, num_classes = g.shape[0], text.shape[0]
     relation = torch.cat(
-        [text32.unsqueeze(0) * g32.unsqueeze(1), text32.unsqueeze(0).expand(num_images, num_classes, -1)], dim=-1
+        [text_a.unsqueeze(0) * g_a.unsqueeze(1), text_a.unsqueeze(0).expand(num_images, num_classes, -1)], dim=-1
     )  # (B, C, 2d)
-    out = torch.einsum("bcf,sef->sbce", relation, weight.float()) + bias.float()[:, None, None, :]
-    return out.to(out_dtype)
+    out = torch.einsum("bcf,sef->sbce", relation, weight.to(acc)) + bias.to(acc)[:, None, None, :]
+    return out.to(g.dtype)
 
 
 def mask_logits(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, normalize: bool) -> torch.Tensor:
     """``sum_s scale[s] * <q_hat[s, b, c], k_hat[s, b, n]>`` with optional L2 normalisation along ``d``."""
-    q32, k32 = q.float(), k.float()
+    acc = _acc_dtype(q, k, scale)
+    q_a, k_a = q.to(acc), k.to(acc)
     if normalize:
-        q32 = F.normalize(q32, dim=-1)
-        k32 = F.normalize(k32, dim=-1)
-    out = torch.einsum("sbcd,sbnd,s->bcn", q32, k32, scale.float())
+        q_a = F.normalize(q_a, dim=-1)
+        k_a = F.normalize(k_a, dim=-1)
+    out = torch.einsum("sbcd,sbnd,s->bcn", q_a, k_a, scale.to(acc))
     return out.to(q.dtype)

@@ -1,0 +1,279 @@
+"""The model on a tiny random-weight config: shapes, trainable set, checkpoints, sliding windows, bad input."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascade_clip import CascadeCLIP, ModelConfig
+from cascade_clip.inference import window_starts
+from cascade_clip.official import SKIPPED_KEY_PATTERNS, skip_reason
+
+from conftest import REFERENCE_DIR
+
+TINY = dict(clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4, decoder_heads=4, decoder_ffn_dim=256)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig.preset("voc", **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CascadeCLIP(tiny_config()).eval()
+
+
+def random_text(num_classes: int, dim: int = 64) -> torch.Tensor:
+    return F.normalize(torch.randn(num_classes, dim), dim=-1)
+
+
+def official_keys(dataset: str):
+    path = os.path.join(REFERENCE_DIR, f"official_keys_{dataset}.txt")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found (only beside the repository)")
+    with open(path) as f:
+        rows = [line.split("\t") for line in f if line.strip() and not line.startswith("#")]
+    return {row[0]: tuple(int(x) for x in row[1].split("x")) for row in rows}
+
+
+def test_shapes_and_dtypes_through_the_model(model):
+    images, text = torch.randn(2, 3, 64, 64), random_text(7)
+    out = model(images, text, return_intermediates=True)
+    assert out["mask_logits"].shape == (2, 7, 64, 64) and out["mask_logits"].dtype == torch.float32
+    assert out["taps"].shape == (6, 2, 16, 64)
+    assert out["final"].shape == (2, 16, 64)
+    assert out["global_embedding"].shape == (2, 64)
+    assert out["stage_memory"].shape == (3, 2, 16, 64)
+    assert out["stage_query_in"].shape == (3, 2, 7, 64)
+    assert out["stage_q"].shape == (3, 2, 7, 64) and out["stage_k"].shape == (3, 2, 16, 64)
+    # Taps, final map and global embedding are unit vectors per pixel.
+    for name in ("taps", "final", "global_embedding"):
+        torch.testing.assert_close(out[name].norm(dim=-1), torch.ones_like(out[name][..., 0]))
+
+
+def test_non_square_and_odd_grids(model):
+    # 3 x 5 patches: odd and non-square (the official d3_to_d4 breaks here; we reshape with the real grid).
+    images, text = torch.randn(1, 3, 48, 80), random_text(3)
+    out = model(images, text, return_intermediates=True)
+    assert out["mask_logits"].shape == (1, 3, 48, 80)
+    assert out["low_res_mask_logits"].shape == (1, 3, 3, 5)
+    # Row-major patch order: the low-res map equals the flat logits reshaped (h, w).
+    flat = torch.einsum("sbcd,sbnd->bcn", out["stage_q"], out["stage_k"]) * model.head.cascade_decoders[0].logit_scale
+    torch.testing.assert_close(out["low_res_mask_logits"].flatten(2), flat, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_items_are_independent(model):
+    images, text = torch.randn(3, 3, 64, 64), random_text(5)
+    together = model(images, text)["mask_logits"]
+    alone = model(images[1:2], text)["mask_logits"]
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_text_is_promoted(model):
+    images, text = torch.randn(1, 3, 64, 64), random_text(4)
+    a = model(images, text)["mask_logits"]
+    b = model(images, text.half())["mask_logits"]
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=5e-2)  # only the fp16 rounding of the text differs
+
+
+def test_trainable_parameters_are_the_official_set():
+    model = CascadeCLIP(tiny_config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    backbone = {n for n in trainable if n.startswith("backbone.")}
+    assert backbone == {
+        "backbone.prompt_embeddings",
+        "backbone.deep_prompt_embeddings",
+        "backbone.prompt_proj.weight",
+        "backbone.prompt_proj.bias",
+        "backbone.prompt_norm.weight",
+        "backbone.prompt_norm.bias",
+    }
+    head = {n for n in trainable if n.startswith("head.")}
+    assert head and trainable == backbone | head
+    # Frozen in the head: only the last layer's parameters that cannot reach the mask logits.
+    frozen_head = {n for n, p in model.head.named_parameters() if not p.requires_grad}
+    assert frozen_head and all(".layers.2." in n for n in frozen_head)
+    assert not any(n.endswith((".q.weight", ".k.weight")) for n in frozen_head)
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    model = CascadeCLIP(tiny_config()).train()
+    images, text = torch.randn(2, 3, 64, 64), random_text(6)
+    labels = torch.randint(0, 6, (2, 64, 64))
+    labels[:, :8] = 255
+    model.loss(model(images, text), labels)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_official_round_trip_and_key_coverage():
+    source = CascadeCLIP(tiny_config())
+    state = source.official_state_dict()
+    target = CascadeCLIP(tiny_config())
+    report = target.load_official_state_dict(state)
+    assert report.skipped == {}
+    exported = target.official_state_dict()
+    assert exported.keys() == state.keys()
+    for key in state:
+        assert torch.equal(exported[key], state[key]), key
+
+
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_model_holds_every_used_official_key_at_full_size(dataset):
+    """The full ViT-B/16 model's keys and shapes equal the official listing, less the documented skipped keys."""
+    keys = official_keys(dataset)
+    model = CascadeCLIP(ModelConfig.preset(dataset))
+    ours = {k: tuple(v.shape) for k, v in model.official_state_dict().items()}
+    expected = {k: v for k, v in keys.items() if skip_reason(k) is None}
+    assert ours == expected
+    skipped = {k for k in keys if skip_reason(k) is not None}
+    assert any(k.startswith("text_encoder.") for k in skipped)
+    assert len(SKIPPED_KEY_PATTERNS) == 4
+
+
+def test_official_layout_with_skipped_and_text_encoder_keys_loads():
+    source = CascadeCLIP(tiny_config())
+    state = dict(source.official_state_dict())
+    state["text_encoder.ln_final.weight"] = torch.ones(64)
+    state["decode_head.loss_decode.criterion.empty_weight"] = torch.ones(16)
+    state["decode_head.cascade_decoders.0.layers.0.self_attn.in_proj_weight"] = torch.zeros(192, 64)
+    state["decode_head.cascade_decoders.0.layers.0.norm1.weight"] = torch.ones(64)
+    report = CascadeCLIP(tiny_config()).load_official_state_dict({"meta": {}, "state_dict": state})
+    assert set(report.skipped) == {
+        "text_encoder.ln_final.weight",
+        "decode_head.loss_decode.criterion.empty_weight",
+        "decode_head.cascade_decoders.0.layers.0.self_attn.in_proj_weight",
+        "decode_head.cascade_decoders.0.layers.0.norm1.weight",
+    }
+
+
+def test_checkpoint_path_loads(tmp_path):
+    source = CascadeCLIP(tiny_config())
+    path = tmp_path / "iter_100.pth"
+    torch.save({"meta": {"iter": 100}, "state_dict": source.official_state_dict()}, path)
+    target = CascadeCLIP(tiny_config())
+    target.load_official_state_dict(str(path))
+    assert torch.equal(target.head.weights_s1, source.head.weights_s1)
+
+
+def test_checkpoint_errors_list_the_keys(tmp_path):
+    state = dict(CascadeCLIP(tiny_config()).official_state_dict())
+    model = CascadeCLIP(tiny_config())
+    del state["decode_head.q_projs.1.bias"]
+    state["decode_head.bogus.weight"] = torch.zeros(1)
+    state["decode_head.q_projs.0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError) as info:
+        model.load_official_state_dict(state)
+    message = str(info.value)
+    assert "decode_head.q_projs.1.bias" in message
+    assert "decode_head.bogus.weight" in message
+    assert "decode_head.q_projs.0.weight" in message
+    with pytest.raises(ValueError, match="not found"):
+        model.load_official_state_dict(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        model.load_official_state_dict(str(bad))
+
+
+def test_checkpoint_of_another_prompt_count_is_named():
+    coco_like = CascadeCLIP(tiny_config(num_prompt_tokens=6)).official_state_dict()
+    with pytest.raises(ValueError, match="6 prompt tokens but the model has 4"):
+        CascadeCLIP(tiny_config()).load_official_state_dict(coco_like)
+
+
+def test_positional_embedding_follows_the_crop():
+    a = CascadeCLIP(tiny_config(img_size=64))
+    b = CascadeCLIP(tiny_config(img_size=128))
+    assert a.backbone.positional_embedding.shape == (17, 192)
+    assert b.backbone.positional_embedding.shape == (65, 192)
+    b.load_official_state_dict(a.official_state_dict())  # a 64-px checkpoint into a 128-px model: grid resized
+
+
+@pytest.mark.parametrize(
+    "images, text, match",
+    [
+        (torch.randn(1, 4, 64, 64), random_text(3), "3 channels"),
+        (torch.randn(3, 64, 64), random_text(3), r"\(B, 3, H, W\)"),
+        (torch.randn(1, 3, 60, 64), random_text(3), "multiple of the patch size 16"),
+        (torch.randn(1, 3, 64, 64), random_text(3, dim=32), "64 wide"),
+        (torch.randn(1, 3, 64, 64), torch.randn(3, 4, 64), r"\(C, 64\)"),
+        (torch.randn(1, 3, 64, 64), torch.zeros(0, 64), "zero classes"),
+    ],
+)
+def test_bad_inputs_are_named(model, images, text, match):
+    with pytest.raises(ValueError, match=match):
+        model(images, text)
+
+
+def test_bad_labels_are_named(model):
+    out = model(torch.randn(1, 3, 64, 64), random_text(3))
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    labels[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"\[0, 3\) or 255; found \[7\]"):
+        model.loss(out, labels)
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.loss(out, labels.float())
+
+
+def test_window_placement_is_official():
+    # 512 crop, 426 stride on a 512 x 683 image: one row of windows, two columns, the second flush right.
+    assert window_starts(512, 512, 426) == [(0, 512)]
+    assert window_starts(683, 512, 426) == [(0, 512), (171, 683)]
+    assert window_starts(300, 512, 426) == [(0, 300)]
+    assert window_starts(1000, 512, 426) == [(0, 512), (426, 938), (488, 1000)]
+
+
+def test_segment_averages_calibrated_window_scores():
+    model = CascadeCLIP(tiny_config(crop_size=64, stride=48)).eval()
+    images, text = torch.randn(1, 3, 80, 112), random_text(20)
+    scores = model.segment(images, text)
+    assert scores.shape == (1, 20, 80, 112)
+    # Hand-made average over the official windows, calibration -0.1 on the 15 seen classes.
+    total = torch.zeros_like(scores)
+    count = torch.zeros(1, 1, 80, 112)
+    for y1, y2 in window_starts(80, 64, 48):
+        for x1, x2 in window_starts(112, 64, 48):
+            with torch.no_grad():
+                s = torch.sigmoid(model(images[:, :, y1:y2, x1:x2], text)["mask_logits"])
+            s[:, :15] -= 0.1
+            total[:, :, y1:y2, x1:x2] += s
+            count[:, :, y1:y2, x1:x2] += 1
+    torch.testing.assert_close(scores, total / count)
+    # Other class lists get no calibration unless seen indices are given.
+    other = model.segment(images[:, :, :64, :64], text[:5])
+    with torch.no_grad():
+        plain = torch.sigmoid(model(images[:, :, :64, :64], text[:5])["mask_logits"])
+    torch.testing.assert_close(other, plain)
+    calibrated = model.segment(images[:, :, :64, :64], text[:5], seen=[1])
+    torch.testing.assert_close(calibrated[:, 1], plain[:, 1] - 0.1)
+
+
+def test_segment_handles_sizes_off_the_patch_grid():
+    model = CascadeCLIP(tiny_config(crop_size=64, stride=48)).eval()
+    scores = model.segment(torch.randn(2, 3, 37, 50), random_text(3))
+    assert scores.shape == (2, 3, 37, 50) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError, match="out of range"):
+        model.segment(torch.randn(1, 3, 64, 64), random_text(3), seen=[3])
+
+
+def test_transductive_preset_has_no_calibration():
+    assert ModelConfig.preset("voc-st").seen_calibration == 0.0
+    assert ModelConfig.preset("voc").seen_calibration == 0.1
+
+
+def test_drop_path_is_off_by_default_and_works_when_asked():
+    model = CascadeCLIP(tiny_config(drop_path_rate=0.5, prompt_dropout=0.0, decoder_dropout=0.0)).train()
+    images, text = torch.randn(4, 3, 64, 64), random_text(3)
+    torch.manual_seed(1)
+    a = model(images, text)["mask_logits"]
+    torch.manual_seed(2)
+    b = model(images, text)["mask_logits"]
+    assert not torch.allclose(a, b)  # stochastic depth drew different blocks
+    model.eval()
+    torch.testing.assert_close(model(images, text)["mask_logits"], model(images, text)["mask_logits"])
+    assert CascadeCLIP(tiny_config()).backbone.drop_path_rates == [0.0] * 12

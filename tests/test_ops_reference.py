@@ -1,0 +1,133 @@
+"""The ops layer: the reference backend against hand-computed examples, float64 gradcheck, the backend switch, errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cascade_clip import ops
+
+torch.manual_seed(0)
+
+
+def test_nga_hand_example():
+    feats = torch.tensor([[[[[1.0, 2.0]]], [[[3.0, 4.0]]]]])  # (S=1, K=2, B=1, N=1, D=2)
+    weights = torch.tensor([[0.5, 2.0]])
+    out = ops.nga(feats, weights, backend="reference")
+    torch.testing.assert_close(out, torch.tensor([[[[6.5, 9.0]]]]))  # 0.5*[1,2] + 2*[3,4]
+
+
+def test_nga_accumulates_in_float32_and_returns_input_dtype():
+    # In bf16 (spacing 2 at 256), summing 256 + 1 + 1 step by step rounds back to 256 twice; float32 accumulation
+    # gives 258, which bf16 holds exactly.
+    feats = torch.tensor([256.0, 1.0, 1.0], dtype=torch.bfloat16).view(1, 3, 1, 1, 1)
+    out = ops.nga(feats, torch.ones(1, 3), backend="reference")
+    assert out.dtype == torch.bfloat16
+    assert out.item() == 258.0
+
+
+def test_descriptor_hand_example():
+    text = torch.tensor([[1.0, 2.0]])  # C=1, d=2
+    g = torch.tensor([[3.0, 0.5]])  # B=1
+    weight = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]]])  # S=1, e=2, 2d=4
+    bias = torch.tensor([[0.0, 10.0]])
+    # r = [t*g, t] = [3, 1, 1, 2] -> [3, 1+1+2+10]
+    out = ops.descriptor(text, g, weight, bias, backend="reference")
+    torch.testing.assert_close(out, torch.tensor([[[[3.0, 14.0]]]]))
+
+
+def test_mask_logits_hand_example():
+    q = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 2.0]]]])  # S=2, B=1, C=1, d=2
+    k = torch.tensor([[[[3.0, 4.0]]], [[[1.0, 1.0]]]])  # N=1
+    out = ops.mask_logits(q, k, torch.tensor([1.0, 0.5]), backend="reference")
+    torch.testing.assert_close(out, torch.tensor([[[1.0 * 3.0 + 0.5 * 2.0]]]))
+    cos = ops.mask_logits(q, k, 2.0, normalize=True, backend="reference")
+    expected = 2.0 * (3.0 / 5.0) + 2.0 * (2.0 / (2.0 * 2**0.5))
+    torch.testing.assert_close(cos, torch.tensor([[[expected]]]))
+
+
+def test_head_average_of_per_head_logits_is_one_scaled_product():
+    """The decoder's mask logits (mean over heads of q_h k_h^T / sqrt(d_h)) equal mask_logits with one scale."""
+    heads, d = 8, 64
+    q, k = torch.randn(1, 2, 5, d, dtype=torch.float64), torch.randn(1, 2, 7, d, dtype=torch.float64)
+    qh = q[0].unflatten(-1, (heads, d // heads)).transpose(1, 2)
+    kh = k[0].unflatten(-1, (heads, d // heads)).transpose(1, 2)
+    per_head = (qh @ kh.transpose(-2, -1)) * (d // heads) ** -0.5
+    out = ops.mask_logits(q, k, (d // heads) ** -0.5 / heads, backend="reference")
+    torch.testing.assert_close(out, per_head.mean(1))
+
+
+def test_gradcheck_float64():
+    feats = torch.randn(2, 3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, w: ops.nga(f, w, backend="reference"), (feats, weights))
+
+    text = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.descriptor(*a, backend="reference"), (text, g, weight, bias))
+
+    q = torch.randn(3, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    for normalize in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda q, k, s: ops.mask_logits(q, k, s, normalize=normalize, backend="reference"), (q, k, scale)
+        )
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ops.nga(torch.randn(2, 3, 1, 4), torch.randn(2, 3)), r"\(S, K, B, N, D\)"),
+        (lambda: ops.nga(torch.randn(2, 3, 1, 4, 5), torch.randn(3, 2)), r"weights must be \(S, K\) = \(2, 3\)"),
+        (lambda: ops.nga(torch.ones(2, 3, 1, 4, 5, dtype=torch.long), torch.randn(2, 3)), "floating point"),
+        (lambda: ops.descriptor(torch.randn(3, 4), torch.randn(2, 5), torch.randn(1, 2, 8), torch.randn(1, 2)), "g width 5"),
+        (lambda: ops.descriptor(torch.randn(3, 4), torch.randn(2, 4), torch.randn(1, 2, 7), torch.randn(1, 2)), "2d = 8"),
+        (lambda: ops.descriptor(torch.randn(3, 4), torch.randn(2, 4), torch.randn(1, 2, 8), torch.randn(2)), r"bias must be \(S, e\)"),
+        (lambda: ops.mask_logits(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 5, 3), 1.0), "must agree on S, B and d"),
+        (lambda: ops.mask_logits(torch.randn(2, 1, 3, 4), torch.randn(2, 1, 5, 4), torch.ones(3)), r"scale must be"),
+        (lambda: ops.nga(torch.randn(1, 1, 1, 1, 1), torch.randn(1, 1), backend="nope"), "unknown ops backend 'nope'"),
+    ],
+)
+def test_bad_op_inputs_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_backend_switch():
+    assert ops.available_backends()[0] == "reference"
+    previous = ops.get_backend()
+    try:
+        ops.set_backend("reference")
+        assert ops.get_backend() == "reference"
+        with pytest.raises(ValueError, match="unknown ops backend"):
+            ops.set_backend("cuda-magic")
+    finally:
+        ops.set_backend(previous)
+
+
+def test_every_available_backend_agrees_with_reference_on_a_small_case():
+    feats, weights = torch.randn(2, 3, 1, 6, 8), torch.rand(2, 3)
+    expected = ops.nga(feats, weights, backend="reference")
+    for name in ops.available_backends():
+        torch.testing.assert_close(ops.nga(feats, weights, backend=name), expected)
+
+
+def test_environment_variable_sets_the_default():
+    code = "import cascade_clip.ops as o; print(o.get_backend())"
+    env = {**os.environ, "CASCADE_CLIP_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["CASCADE_CLIP_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "auto" and "ignored" in out.stderr
+
+
+def test_ops_import_stays_light():
+    code = "import sys, cascade_clip.ops, cascade_clip.kernels; print('open_clip' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
