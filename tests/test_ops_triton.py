@@ -1,0 +1,331 @@
+"""Parity of the ``"triton"`` backend against the ``"reference"`` backend: outputs and every gradient.
+
+On a CPU-only machine the kernels run under Triton's interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``)
+at small, deliberately awkward shapes (odd, prime, 1). The interpreter computes bf16 ``tl.dot`` wrongly, so the bf16
+cases of the two matmul ops are ``gpu``-marked; NGA has no dot and runs bf16 everywhere. With a GPU the ``gpu`` tests
+add the real shapes (N up to 4096, d = 512, C up to 171).
+
+The reference backend computes in float32 from the same (possibly low-precision) inputs, so the kernel's error is its
+own rounding: the intermediate casts to the input dtype before ``tl.dot`` and the final store.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade_clip import ops
+
+triton = pytest.importorskip("triton")
+
+# Tolerance table, per dtype: (atol, rtol). The atol is relative to the reference tensor's largest magnitude
+# (``atol * max(1, max|ref|)``) so that long float32 reductions are judged at their own scale.
+#   float32: Liger's 1e-5/1e-5 (fp32 accumulation everywhere; fp32 dots use IEEE, not TF32).
+#   float16: 5e-3 = 5 ulps at fp16's 2^-10 epsilon (operand casts before tl.dot plus the final store).
+#   bfloat16: Liger's 2e-2 (bf16 epsilon 2^-7, a few roundings).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+
+# Tests of the matmul ops in bf16 need a GPU (interpreter bf16 tl.dot is wrong).
+DOT_DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=gpu),
+]
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a).all() or not torch.isfinite(e).all(), f"{name}: non-finite values in the kernel output"
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs()
+    bound = atol * scale + rtol * e.abs()
+    if not bool((err <= bound).all()):
+        worst = int((err - bound).argmax())
+        raise AssertionError(
+            f"{name} ({dtype}): {int((err > bound).sum())}/{err.numel()} elements out of tolerance "
+            f"(atol={atol}*{scale:.3g}, rtol={rtol}); max abs err {err.max().item():.3e}, "
+            f"worst at flat index {worst}: got {a.flatten()[worst].item():.6g}, want {e.flatten()[worst].item():.6g}"
+        )
+
+
+def _leaves(tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+def _check_parity(fn, inputs, dtype, names, grad_mode="random"):
+    """Run ``fn(*inputs, backend=...)`` on both backends; compare the output and the gradient of every input.
+
+    ``grad_mode="random"`` backpropagates a random cotangent; ``"sum"`` uses ``y.sum().backward()``, whose gradient
+    reaches the op as an expanded stride-0 tensor.
+    """
+    ref_in, tri_in = _leaves(inputs), _leaves(inputs)
+    y_ref = fn(*ref_in, backend="reference")
+    y_tri = fn(*tri_in, backend="triton")
+    _assert_close("output", y_tri, y_ref, dtype)
+    if grad_mode == "sum":
+        y_ref.float().sum().backward()
+        y_tri.float().sum().backward()
+    else:
+        cot = torch.randn(y_ref.shape, device=y_ref.device, dtype=torch.float32).to(y_ref.dtype)
+        y_ref.backward(cot)
+        y_tri.backward(cot)
+    for name, r, t in zip(names, ref_in, tri_in):
+        if r.grad is None:
+            assert t.grad is None, f"d{name}: reference has no gradient but triton does"
+            continue
+        assert t.grad is not None, f"d{name}: missing gradient"
+        _assert_close(f"d{name}", t.grad, r.grad, dtype)
+
+
+def _randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_backend_registered():
+    assert "triton" in ops.available_backends(), ops.unavailable_reason("triton")
+    from cascade_clip.ops.registry import resolve
+
+    assert resolve("auto", torch.device("cpu")).name != "triton"  # auto routes only CUDA tensors to Triton
+    if HAS_CUDA:
+        assert resolve("auto", torch.device("cuda")).name == "triton"
+
+
+# ---------------------------------------------------------------- NGA
+
+NGA_SHAPES = [(3, 3, 2, 7, 13), (1, 1, 1, 1, 1), (2, 5, 1, 17, 31)]  # (S, K, B, N, D)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", NGA_SHAPES)
+def test_nga_parity(shape, dtype):
+    feats = _randn(*shape, dtype=dtype)
+    weights = torch.rand(shape[:2], device=DEVICE)
+    _check_parity(ops.nga, [feats, weights], dtype, ["feats", "weights"])
+
+
+def test_nga_noncontiguous_and_stride0_grad():
+    S, K, B, N, D = 2, 3, 2, 11, 9
+    base = _randn(S, K, B, D, N)
+    feats = base.transpose(3, 4)  # (S, K, B, N, D) view, not contiguous
+    weights = torch.rand(K, S, device=DEVICE).t()  # (S, K), transposed view
+    assert not feats.is_contiguous() and not weights.is_contiguous()
+    _check_parity(ops.nga, [feats, weights], torch.float32, ["feats", "weights"], grad_mode="sum")
+
+
+def test_nga_weight_grad_is_deterministic():
+    feats = _randn(2, 3, 2, 33, 65).requires_grad_()
+    weights = torch.rand(2, 3, device=DEVICE).requires_grad_()
+    grads = []
+    for _ in range(2):
+        weights.grad = None
+        ops.nga(feats, weights, backend="triton").pow(2).sum().backward()
+        grads.append(weights.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------- descriptor
+
+DESC_SHAPES = [(5, 24, 2, 3, 19), (1, 16, 1, 1, 16), (7, 33, 3, 2, 17)]  # (C, d, B, S, e)
+
+
+def _descriptor_inputs(C, d, B, S, e, dtype):
+    return [
+        _randn(C, d, dtype=dtype),
+        _randn(B, d, dtype=dtype),
+        _randn(S, e, 2 * d, dtype=dtype, scale=d**-0.5),
+        _randn(S, e, dtype=dtype),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("shape", DESC_SHAPES)
+def test_descriptor_parity(shape, dtype):
+    _check_parity(ops.descriptor, _descriptor_inputs(*shape, dtype), dtype, ["text", "g", "weight", "bias"])
+
+
+def test_descriptor_noncontiguous_and_stride0_grad():
+    C, d, B, S, e = 6, 20, 3, 2, 13
+    text = _randn(d, C).t()
+    g = _randn(d, B).t()
+    weight = _randn(S, 2 * d, e, scale=d**-0.5).transpose(1, 2)
+    bias = _randn(e, S).t()
+    assert not any(t.is_contiguous() for t in (text, g, weight, bias))
+    _check_parity(ops.descriptor, [text, g, weight, bias], torch.float32, ["text", "g", "weight", "bias"], "sum")
+
+
+def test_descriptor_mixed_dtypes():
+    """float32 parameters with a half-precision image embedding: computed in float32, returned in g's dtype."""
+    C, d, B, S, e = 5, 24, 2, 2, 17
+    text, _, weight, bias = _descriptor_inputs(C, d, B, S, e, torch.float32)
+    g = _randn(B, d, dtype=torch.float16)
+    ref_in, tri_in = _leaves([text, g, weight, bias]), _leaves([text, g, weight, bias])
+    y_ref = ops.descriptor(*ref_in, backend="reference")
+    y_tri = ops.descriptor(*tri_in, backend="triton")
+    _assert_close("output", y_tri, y_ref, torch.float16)
+    y_ref.float().sum().backward()
+    y_tri.float().sum().backward()
+    for name, r, t in zip(["text", "g", "weight", "bias"], ref_in, tri_in):
+        _assert_close(f"d{name}", t.grad, r.grad, torch.float16 if t.dtype == torch.float16 else torch.float32)
+
+
+# ---------------------------------------------------------------- mask logits
+
+ML_SHAPES = [(3, 2, 5, 37, 24), (1, 1, 1, 1, 16), (2, 1, 3, 53, 40)]  # (S, B, C, N, d)
+
+
+def _mask_fn(normalize, scale_is_float=False):
+    def fn(q, k, scale, backend):
+        s = float(scale[0].detach()) if scale_is_float else scale
+        return ops.mask_logits(q, k, s, normalize=normalize, backend=backend)
+
+    return fn
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("shape", ML_SHAPES)
+def test_mask_logits_parity(shape, dtype, normalize):
+    S, B, C, N, d = shape
+    q, k = _randn(S, B, C, d, dtype=dtype), _randn(S, B, N, d, dtype=dtype)
+    scale = torch.rand(S, device=DEVICE) + 0.1  # (S,) tensor with a gradient
+    if not normalize:
+        q, k = q * d**-0.25, k * d**-0.25
+    _check_parity(_mask_fn(normalize), [q, k, scale], dtype, ["q", "k", "scale"])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mask_logits_float_scale_noncontiguous_stride0(normalize):
+    S, B, C, N, d = 2, 2, 3, 19, 20
+    q = _randn(S, B, d, C).transpose(2, 3)
+    k = _randn(S, N, B, d).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    scale = torch.full((S,), 0.37, device=DEVICE)
+    _check_parity(_mask_fn(normalize, scale_is_float=True), [q, k, scale], torch.float32, ["q", "k", "scale"], "sum")
+
+
+def test_mask_logits_zero_rows_normalize():
+    """A zero row sits below F.normalize's clamp: forward 0, backward linear (no projection term)."""
+    S, B, C, N, d = 2, 1, 4, 17, 16
+    q, k = _randn(S, B, C, d), _randn(S, B, N, d)
+    q[0, 0, 1] = 0.0
+    k[1, 0, 5] = 0.0
+    scale = torch.rand(S, device=DEVICE)
+    _check_parity(_mask_fn(True), [q, k, scale], torch.float32, ["q", "k", "scale"])
+
+
+# ---------------------------------------------------------------- torch.library and torch.compile
+
+
+def test_opcheck_nga():
+    from cascade_clip.kernels.nga import nga_op
+
+    feats = _randn(2, 3, 1, 5, 7).requires_grad_()
+    weights = torch.rand(2, 3, device=DEVICE).requires_grad_()
+    torch.library.opcheck(nga_op, (feats, weights))
+
+
+def test_opcheck_descriptor():
+    from cascade_clip.kernels.descriptor import descriptor_op
+
+    args = [t.requires_grad_() for t in _descriptor_inputs(3, 16, 2, 2, 17, torch.float32)]
+    torch.library.opcheck(descriptor_op, tuple(args))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_opcheck_mask_logits(normalize):
+    from cascade_clip.kernels.mask_logits import mask_logits_op
+
+    q = _randn(2, 1, 3, 16).requires_grad_()
+    k = _randn(2, 1, 7, 16).requires_grad_()
+    scale = torch.rand(2, device=DEVICE).requires_grad_()
+    torch.library.opcheck(mask_logits_op, (q, k, scale, normalize))
+
+
+def test_compile_fullgraph():
+    """The three ops inside one compiled function, forward and backward, with no graph break."""
+    torch._dynamo.reset()
+
+    def head(feats, weights, text, g, weight, bias, k, scale):
+        fused = ops.nga(feats, weights, backend="triton")  # (S, B, N, D)
+        q = ops.descriptor(text, g, weight, bias, backend="triton")  # (S, B, C, e)
+        return ops.mask_logits(q, k + fused, scale, normalize=True, backend="triton")
+
+    S, K, B, N, D, C = 2, 3, 1, 9, 16, 5
+    inputs = [
+        _randn(S, K, B, N, D), torch.rand(S, K, device=DEVICE),
+        *_descriptor_inputs(C, 16, B, S, D, torch.float32),
+        _randn(S, B, N, D), torch.rand(S, device=DEVICE),
+    ]
+    eager_in, comp_in = _leaves(inputs), _leaves(inputs)
+    compiled = torch.compile(head, fullgraph=True)
+    y_c = compiled(*comp_in)
+    y_e = head(*eager_in)
+    _assert_close("compiled output", y_c, y_e, torch.float32)
+    y_c.sum().backward()
+    y_e.sum().backward()
+    for i, (e, c) in enumerate(zip(eager_in, comp_in)):
+        _assert_close(f"compiled grad {i}", c.grad, e.grad, torch.float32)
+
+
+# ---------------------------------------------------------------- real shapes (GPU only)
+
+@gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("B,N", [(1, 1024), (2, 4096)])
+def test_nga_parity_real(B, N, dtype):
+    feats = _randn(3, 3, B, N, 512, dtype=dtype)
+    weights = torch.rand(3, 3, device=DEVICE)
+    _check_parity(ops.nga, [feats, weights], dtype, ["feats", "weights"])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("C,B", [(15, 4), (171, 8), (59, 1)])
+def test_descriptor_parity_real(C, B, dtype):
+    _check_parity(ops.descriptor, _descriptor_inputs(C, 512, B, 3, 512, dtype), dtype, ["text", "g", "weight", "bias"])
+
+
+@gpu
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("B,C,N", [(2, 171, 1024), (1, 20, 4096), (4, 15, 1024), (1, 1, 4099)])
+def test_mask_logits_parity_real(B, C, N, dtype, normalize):
+    S, d = 3, 512
+    q, k = _randn(S, B, C, d, dtype=dtype), _randn(S, B, N, d, dtype=dtype)
+    if not normalize:
+        q, k = q * d**-0.25, k * d**-0.25
+    scale = torch.rand(S, device=DEVICE) + 0.1
+    _check_parity(_mask_fn(normalize), [q, k, scale], dtype, ["q", "k", "scale"])
+
+
+@gpu
+def test_compile_fullgraph_real_bf16():
+    torch._dynamo.reset()
+    q = _randn(3, 2, 171, 512, dtype=torch.bfloat16).requires_grad_()
+    k = _randn(3, 2, 1024, 512, dtype=torch.bfloat16).requires_grad_()
+    scale = torch.full((3,), 0.1, device=DEVICE, requires_grad=True)
+
+    def fn(q, k, scale):
+        return ops.mask_logits(q, k, scale, normalize=True, backend="triton")
+
+    y = torch.compile(fn, fullgraph=True)(q, k, scale)
+    _assert_close("compiled", y, ops.mask_logits(q, k, scale, normalize=True, backend="reference"), torch.bfloat16)
+    y.float().sum().backward()
+    assert q.grad is not None and k.grad is not None and scale.grad is not None
