@@ -40,14 +40,16 @@ def read_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"CLIP weights file not found: {path}")
     try:
         # OpenAI's release files are TorchScript archives; the state dict is all we need from them.
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, but these files need it
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state_dict, dict):
             raise ValueError(f"{path}: not a CLIP state dict or TorchScript archive")
     state_dict = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state_dict.pop(key, None)
     return state_dict
 
@@ -66,6 +68,14 @@ def create_clip(name: str, pretrained: Optional[str] = None, quick_gelu: bool = 
     if pretrained is not None and (os.path.isfile(pretrained) or os.sep in pretrained):
         model = create_clip(name, None, quick_gelu)
         state_dict = read_clip_state_dict(pretrained)
+        expected = model.state_dict()
+        mismatched = [
+            f"{k}: file {tuple(v.shape)} vs {name} {tuple(expected[k].shape)}"
+            for k, v in state_dict.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        if mismatched:
+            raise ValueError(f"{pretrained}: CLIP weights do not fit architecture {name!r}: {mismatched[:8]}")
         result = model.load_state_dict(state_dict, strict=False)
         missing_visual = [k for k in result.missing_keys if k.startswith("visual.")]
         if missing_visual:

@@ -1,0 +1,24 @@
+"""Packaging: kernels install only as cascade_clip.kernels; package data ships; the CLI entry point exists."""
+
+import importlib.util
+import subprocess
+import sys
+
+
+def test_no_top_level_kernels_module():
+    assert importlib.util.find_spec("cascade_clip.kernels") is not None
+    # A top-level `kernels` is another PyPI project's name: ours must never install or import as one.
+    code = "import importlib.util, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; print(importlib.util.find_spec('kernels'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "None"
+
+
+def test_package_data_ships():
+    from cascade_clip.catalog import dataset_info
+    from cascade_clip.clip_arch import register_architectures
+
+    assert dataset_info("voc").classes[0] == "aeroplane"
+    register_architectures()
+    import open_clip
+
+    assert "cascade-tiny" in open_clip.list_models()
