@@ -23,8 +23,11 @@ def _extensions():
         import torch
     except ImportError:
         return [], {}
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    # torch >= 2.10 headers require C++20 (ATen.h errors out under C++17).
+    extra_compile_args = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}
     extra_link_args = ["-fopenmp"]
+    # The torch version this build is for, compiled into the library so that a stale build can say so at import.
+    macros = [("CASCADE_CLIP_TORCH_VERSION", '"%s"' % torch.__version__)]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = (
         bool(cuda_sources)
@@ -33,17 +36,21 @@ def _extensions():
         and CUDA_HOME is not None
     )
     if use_cuda:
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17"]
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++20"]
         ext = CUDAExtension(
             "cascade_clip._C",
             sources + cuda_sources,
-            define_macros=[("CASCADE_CLIP_WITH_CUDA", "1")],
+            define_macros=macros + [("CASCADE_CLIP_WITH_CUDA", "1")],
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
         )
     else:
         ext = CppExtension(
-            "cascade_clip._C", sources, extra_compile_args=extra_compile_args, extra_link_args=extra_link_args
+            "cascade_clip._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 

@@ -1,0 +1,580 @@
+// CPU kernels of the three Cascade-CLIP head ops, registered as PyTorch operators `torch.ops.cascade_clip.*`.
+//
+// Contract (shapes are the API, see cascade_clip/ops/__init__.py):
+//   nga(feats (S,K,B,N,D), weights (S,K))                          -> (S,B,N,D)   in feats' dtype
+//   descriptor(text (C,d), g (B,d), weight (S,e,2d), bias (S,e))   -> (S,B,C,e)   in g's dtype
+//   mask_logits(q (S,B,C,d), k (S,B,N,d), scale (S,), normalize)   -> ((B,C,N) in q's dtype, rk)
+//     rk is (S,B,N) = 1 / max(|k[s,b,n]|, 1e-12) in the compute dtype when normalize, else an empty (0,) tensor;
+//     it is an extra output only so that the backward need not read k once more to get the norms.
+// Every op has a `*_backward` op; autograd, fake (meta) kernels and the Python API live in
+// cascade_clip/_cpp_backend.py.
+//
+// Numerics: everything accumulates in at::opmath_type<T> (float for float/bfloat16/half, double for double) and the
+// result is rounded to the output dtype once, like the reference backend. Indices are int64_t throughout. Inputs are
+// made contiguous here, so views and stride-0 gradients (the gradient of y.sum()) are accepted.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <vector>
+
+#ifndef CASCADE_CLIP_TORCH_VERSION
+#define CASCADE_CLIP_TORCH_VERSION "unknown"
+#endif
+
+namespace cascade_clip {
+namespace {
+
+// Elements handled per task. 2048 floats = 8 KiB per tap: the per-tile accumulators stay in L1 while each tap is
+// streamed once. Fixed (never derived from the thread count) so that tiled reductions are deterministic.
+constexpr int64_t kTile = 2048;
+// Lanes of the split accumulators of dot products: lets the compiler vectorise a reduction without -ffast-math
+// (which would make results depend on the compiler's reassociation).
+constexpr int64_t kLanes = 16;
+constexpr double kNormEps = 1e-12;  // F.normalize's eps
+
+// Minimum tiles per parallel chunk: below ~64K elements a thread wake-up costs more than it saves.
+constexpr int64_t kTileGrain = std::max<int64_t>(1, 65536 / kTile);
+
+at::ScalarType compute_dtype(std::initializer_list<at::Tensor> ts) {
+  for (const auto& t : ts) {
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "cascade_clip: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "cascade_clip: ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+// sum_j a[j] * b[j] over n elements with kLanes split accumulators (fixed order: deterministic).
+template <typename A, typename T>
+inline A dot_lanes(const A* a, const T* b, int64_t n) {
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * static_cast<A>(b[j + l]);
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += a[j] * static_cast<A>(b[j]);
+  A total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// sum_j x[j]^2 over n elements, split accumulators as in dot_lanes.
+template <typename A, typename T>
+inline A sumsq_lanes(const T* x, int64_t n) {
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const A v = static_cast<A>(x[j + l]);
+      lanes[l] += v * v;
+    }
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) {
+    const A v = static_cast<A>(x[j]);
+    lanes[l] += v * v;
+  }
+  A total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <typename A>
+inline A inv_norm(A sumsq) {
+  return A(1) / std::max(std::sqrt(sumsq), static_cast<A>(kNormEps));
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// NGA
+// ------------------------------------------------------------------------------------------------------------------
+
+// out[j] = sum_k w[k] * taps[k * tap_stride + j] for j < len: one read of each tap, fp32 (opmath) accumulators in a
+// tile-sized buffer (L1) so that each tap's loop is a plain, vectorisable axpy.
+template <typename T, typename A>
+inline void nga_tile(const T* taps, int64_t tap_stride, const A* w, int64_t K, T* out, int64_t len, A* acc) {
+  const A w0 = w[0];
+  for (int64_t j = 0; j < len; ++j) acc[j] = w0 * static_cast<A>(taps[j]);
+  for (int64_t k = 1; k < K; ++k) {
+    const T* f = taps + k * tap_stride;
+    const A wk = w[k];
+    for (int64_t j = 0; j < len; ++j) acc[j] += wk * static_cast<A>(f[j]);
+  }
+  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<T>(acc[j]);
+}
+
+at::Tensor nga_cpu(const at::Tensor& feats_in, const at::Tensor& weights_in) {
+  check_cpu_float(feats_in, "feats");
+  check_cpu_float(weights_in, "weights");
+  TORCH_CHECK(feats_in.dim() == 5, "nga: feats must be (S, K, B, N, D), got ", feats_in.sizes());
+  TORCH_CHECK(weights_in.dim() == 2 && weights_in.size(0) == feats_in.size(0) && weights_in.size(1) == feats_in.size(1),
+              "nga: weights must be (S, K), got ", weights_in.sizes(), " for feats ", feats_in.sizes());
+  const at::Tensor feats = feats_in.contiguous();
+  const int64_t S = feats.size(0), K = feats.size(1);
+  const int64_t M = feats.size(2) * feats.size(3) * feats.size(4);  // elements per tap
+  at::Tensor out = at::empty({S, feats.size(2), feats.size(3), feats.size(4)}, feats.options());
+  if (out.numel() == 0) return out;
+  if (K == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "cascade_clip::nga", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor w = weights_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const scalar_t* fp = feats.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t tiles = (M + kTile - 1) / kTile;
+    at::parallel_for(0, S * tiles, kTileGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(kTile);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t s = t / tiles;
+        const int64_t m0 = (t % tiles) * kTile;
+        const int64_t len = std::min(kTile, M - m0);
+        nga_tile(fp + s * K * M + m0, M, wp + s * K, K, op + s * M + m0, len, acc.data());
+      }
+    });
+  });
+  return out;
+}
+
+// grad (S,B,N,D) -> grad_feats (S,K,B,N,D) = weights[s,k] * grad[s] and grad_weights (S,K) = <grad[s], feats[s,k]>,
+// both in one pass over grad and feats. The weight gradient is reduced per fixed-size tile into a partials buffer and
+// the partials are summed in a fixed order, so the result does not depend on the number of threads.
+std::tuple<at::Tensor, at::Tensor> nga_backward_cpu(const at::Tensor& grad_in, const at::Tensor& feats_in,
+                                                    const at::Tensor& weights_in, std::array<bool, 2> mask) {
+  check_cpu_float(grad_in, "grad");
+  check_cpu_float(feats_in, "feats");
+  check_cpu_float(weights_in, "weights");
+  TORCH_CHECK(feats_in.dim() == 5 && weights_in.dim() == 2, "nga_backward: bad ranks");
+  const int64_t S = feats_in.size(0), K = feats_in.size(1);
+  const int64_t M = feats_in.size(2) * feats_in.size(3) * feats_in.size(4);
+  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == S && grad_in.numel() == S * M, "nga_backward: grad must be ",
+              "(S, B, N, D), got ", grad_in.sizes());
+  const at::Tensor feats = feats_in.contiguous();
+  // The gradient arrives in any dtype autograd chose for it; the kernel reads it in feats' dtype.
+  const at::Tensor grad = grad_in.to(feats.scalar_type()).contiguous();
+  at::Tensor grad_feats = mask[0] ? at::empty_like(feats) : at::empty({0}, feats.options());
+  at::Tensor grad_weights = mask[1] ? at::zeros({S, K}, weights_in.options()) : at::empty({0}, weights_in.options());
+  if (S * K * M == 0 || (!mask[0] && !mask[1])) return {grad_feats, grad_weights};
+  const int64_t tiles = (M + kTile - 1) / kTile;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "cascade_clip::nga_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor w = weights_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const scalar_t* fp = feats.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* gfp = mask[0] ? grad_feats.mutable_data_ptr<scalar_t>() : nullptr;
+    std::vector<acc_t> partials(mask[1] ? S * tiles * K : 0);  // (S, tiles, K)
+    acc_t* pp = partials.data();
+    const bool want_feats = mask[0], want_weights = mask[1];
+    at::parallel_for(0, S * tiles, kTileGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> gbuf(kTile);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t s = t / tiles;
+        const int64_t m0 = (t % tiles) * kTile;
+        const int64_t len = std::min(kTile, M - m0);
+        const scalar_t* g = gp + s * M + m0;
+        for (int64_t j = 0; j < len; ++j) gbuf[j] = static_cast<acc_t>(g[j]);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t off = (s * K + k) * M + m0;
+          if (want_feats) {
+            scalar_t* o = gfp + off;
+            const acc_t wk = wp[s * K + k];
+            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(wk * gbuf[j]);
+          }
+          if (want_weights) pp[t * K + k] = dot_lanes(gbuf.data(), fp + off, len);
+        }
+      }
+    });
+    if (want_weights) {
+      // Deterministic final reduction over tiles, in double: S*K sums of `tiles` partials (tiny).
+      at::Tensor gw = at::empty({S, K}, at::kDouble);
+      double* gwp = gw.mutable_data_ptr<double>();
+      for (int64_t s = 0; s < S; ++s) {
+        for (int64_t k = 0; k < K; ++k) {
+          double total = 0;
+          for (int64_t i = 0; i < tiles; ++i) total += static_cast<double>(pp[(s * tiles + i) * K + k]);
+          gwp[s * K + k] = total;
+        }
+      }
+      grad_weights.copy_(gw);
+    }
+  });
+  return {grad_feats, grad_weights};
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Descriptor
+// ------------------------------------------------------------------------------------------------------------------
+//
+// out[s,b] = concat(text * g[b], text) @ W[s]^T + bias[s] = (text * g[b]) @ W1[s]^T + (text @ W2[s]^T + bias[s]),
+// with W1 = W[..., :d], W2 = W[..., d:]. All stages share the left operand, so the stages become the columns of one
+// GEMM: W viewed as (S*e, 2d) and narrowed to W1/W2 is a strided matrix BLAS reads in place (ld = 2d). The text half
+// does not depend on b and is computed once (C rows instead of B*C), and the (B, C, 2d) concatenation is never built.
+
+struct DescriptorInputs {
+  at::Tensor text, g, w, w1, w2, bias;  // compute dtype; w (S*e, 2d), w1/w2 (S*e, d) strided views of w
+  int64_t C, d, B, S, e;
+};
+
+DescriptorInputs prepare_descriptor(const at::Tensor& text, const at::Tensor& g, const at::Tensor& weight,
+                                    const at::Tensor& bias) {
+  check_cpu_float(text, "text");
+  check_cpu_float(g, "g");
+  check_cpu_float(weight, "weight");
+  check_cpu_float(bias, "bias");
+  TORCH_CHECK(text.dim() == 2 && g.dim() == 2 && g.size(1) == text.size(1), "descriptor: text (C, d) and g (B, d) ",
+              "expected, got ", text.sizes(), " and ", g.sizes());
+  const int64_t d = text.size(1);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 2 * d, "descriptor: weight must be (S, e, 2d), got ",
+              weight.sizes());
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == weight.size(0) && bias.size(1) == weight.size(1),
+              "descriptor: bias must be (S, e), got ", bias.sizes());
+  const at::ScalarType ct = compute_dtype({text, g, weight, bias});
+  DescriptorInputs in;
+  in.C = text.size(0);
+  in.d = d;
+  in.B = g.size(0);
+  in.S = weight.size(0);
+  in.e = weight.size(1);
+  in.text = text.to(ct).contiguous();
+  in.g = g.to(ct).contiguous();
+  in.w = weight.to(ct).contiguous().view({in.S * in.e, 2 * d});
+  in.w1 = in.w.narrow(1, 0, d);
+  in.w2 = in.w.narrow(1, d, d);
+  in.bias = bias.to(ct).contiguous().view({1, in.S * in.e});
+  return in;
+}
+
+// A (B*C, d) = text[c] * g[b], the only per-image operand (small: B*C*d).
+at::Tensor descriptor_relation(const DescriptorInputs& in) {
+  return (in.text.unsqueeze(0) * in.g.unsqueeze(1)).view({in.B * in.C, in.d});
+}
+
+at::Tensor descriptor_cpu(const at::Tensor& text, const at::Tensor& g, const at::Tensor& weight,
+                          const at::Tensor& bias) {
+  const DescriptorInputs in = prepare_descriptor(text, g, weight, bias);
+  const int64_t B = in.B, C = in.C, S = in.S, e = in.e, Se = S * e;
+  at::Tensor out = at::empty({S, B, C, e}, g.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor P = at::mm(descriptor_relation(in), in.w1.t());  // (B*C, S*e), image-dependent half
+  const at::Tensor T = at::addmm(in.bias, in.text, in.w2.t());      // (C, S*e), shared half + bias
+  // Scatter-add the two GEMM results into (S, B, C, e): out[s,b,c,:] = P[b*C+c, s*e:] + T[c, s*e:].
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "cascade_clip::descriptor", [&] {
+    using out_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "cascade_clip::descriptor_acc", [&] {
+      using acc_t = scalar_t;
+      const acc_t* pp = P.const_data_ptr<acc_t>();
+      const acc_t* tp = T.const_data_ptr<acc_t>();
+      out_t* op = out.mutable_data_ptr<out_t>();
+      at::parallel_for(0, S * B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(e, 1)), [&](int64_t b0, int64_t b1) {
+        for (int64_t r = b0; r < b1; ++r) {  // r = (s*B + b)*C + c
+          const int64_t c = r % C, b = (r / C) % B, s = r / (B * C);
+          const acc_t* prow = pp + (b * C + c) * Se + s * e;
+          const acc_t* trow = tp + c * Se + s * e;
+          out_t* orow = op + r * e;
+          for (int64_t j = 0; j < e; ++j) orow[j] = static_cast<out_t>(prow[j] + trow[j]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// grad (S,B,C,e) -> (grad_text (C,d), grad_g (B,d), grad_weight (S,e,2d), grad_bias (S,e)); unrequested ones are
+// returned as empty (0,) tensors. With Gp (B*C, S*e) the gradient laid out like P and Gt = sum_b Gp[b] (C, S*e):
+//   gA = Gp @ W1                      (B*C, d), the gradient of A = text * g[b]
+//   grad_g[b] = sum_c gA[b,c] * text[c];   grad_text = sum_b gA[b] * g[b] + Gt @ W2
+//   grad_W1 = Gp^T @ A;  grad_W2 = Gt^T @ text;  grad_bias = sum_c Gt[c]
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> descriptor_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& text, const at::Tensor& g, const at::Tensor& weight,
+    const at::Tensor& bias, std::array<bool, 4> mask) {
+  const DescriptorInputs in = prepare_descriptor(text, g, weight, bias);
+  const int64_t B = in.B, C = in.C, S = in.S, e = in.e, d = in.d, Se = S * e;
+  check_cpu_float(grad_in, "grad");
+  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == S && grad_in.size(1) == B && grad_in.size(2) == C &&
+                  grad_in.size(3) == e,
+              "descriptor_backward: grad must be (S, B, C, e), got ", grad_in.sizes());
+  const at::ScalarType ct = in.w.scalar_type();
+  // One copy both converts to the compute dtype and lays the (small) gradient out as (B*C, S*e).
+  const at::Tensor Gp = grad_in.to(ct).permute({1, 2, 0, 3}).contiguous().view({B * C, Se});
+  const at::Tensor Gt = Gp.view({B, C, Se}).sum(0);  // (C, S*e)
+  auto empty_like_ = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
+  at::Tensor grad_text = empty_like_(text), grad_g = empty_like_(g), grad_weight = empty_like_(weight),
+             grad_bias = empty_like_(bias);
+  if (mask[0] || mask[1]) {
+    const at::Tensor gA = at::mm(Gp, in.w1).view({B, C, d});
+    if (mask[1]) grad_g = (gA * in.text.unsqueeze(0)).sum(1).to(g.scalar_type());
+    if (mask[0]) {
+      at::Tensor gt = at::mm(Gt, in.w2);
+      gt.add_((gA * in.g.unsqueeze(1)).sum(0));
+      grad_text = gt.to(text.scalar_type());
+    }
+  }
+  if (mask[2]) {
+    at::Tensor gw = at::empty({Se, 2 * d}, in.w.options());
+    at::Tensor gw1 = gw.narrow(1, 0, d), gw2 = gw.narrow(1, d, d);
+    at::mm_out(gw1, Gp.t(), descriptor_relation(in));
+    at::mm_out(gw2, Gt.t(), in.text);
+    grad_weight = gw.view({S, e, 2 * d}).to(weight.scalar_type());
+  }
+  if (mask[3]) grad_bias = Gt.sum(0).view({S, e}).to(bias.scalar_type());
+  return {grad_text, grad_g, grad_weight, grad_bias};
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Mask logits
+// ------------------------------------------------------------------------------------------------------------------
+//
+// out[b] = sum_s scale[s] * q_hat[s,b] @ k_hat[s,b]^T. Normalising k would mean writing a normalised copy of the
+// largest operand (S*B*N*d), so k is used raw and its normalisation is applied to the small (C, N) results:
+//   L[s,b] = (scale[s] * q_hat[s,b]) @ k[s,b]^T   one batched GEMM over S*B, k read in place (no copy for fp32)
+//   out[b,c,n] = sum_s L[s,b,c,n] * rk[s,b,n]     rk = 1/max(|k[s,b,n]|, eps), or 1 without normalize
+// The stage sum is a cheap pass over S*B*C*N values; a single GEMM over the concatenated S*d axis would first need a
+// (B, N, S*d) copy of k, which costs more memory traffic than the GEMM saves.
+
+// rk[r] = 1/max(|x[r,:]|, eps) for the R rows of a contiguous (R, d) tensor, in the compute dtype.
+at::Tensor row_inv_norms(const at::Tensor& x, int64_t d, at::ScalarType ct) {
+  const int64_t R = d == 0 ? 0 : x.numel() / d;
+  at::Tensor rk = at::empty({R}, x.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cascade_clip::row_inv_norms", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(ct, "cascade_clip::row_inv_norms_acc", [&] {
+      using acc_t = scalar_t;
+      const in_t* xp = x.const_data_ptr<in_t>();
+      acc_t* rp = rk.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)), [&](int64_t b0, int64_t b1) {
+        for (int64_t r = b0; r < b1; ++r) rp[r] = inv_norm(sumsq_lanes<acc_t>(xp + r * d, d));
+      });
+    });
+  });
+  return rk;
+}
+
+// The gradient of x_hat = x / max(|x|, eps) row by row: given gh = dL/dx_hat (R, d, compute dtype) and x (R, d),
+// out = r * gh - r^3 <gh, x> x with r = 1/|x| when |x| > eps, else out = gh / eps (the clamp has no gradient).
+// Written for a row at a time so the row (d values) stays in L1 between the dot product and the update.
+void normalize_backward_rows(const at::Tensor& gh, const at::Tensor& x, at::Tensor& out, int64_t d) {
+  const int64_t R = d == 0 ? 0 : x.numel() / d;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cascade_clip::normalize_bwd", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "cascade_clip::normalize_bwd_out", [&] {
+      using out_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(gh.scalar_type(), "cascade_clip::normalize_bwd_acc", [&] {
+        using acc_t = scalar_t;
+        const acc_t* gp = gh.const_data_ptr<acc_t>();
+        const in_t* xp = x.const_data_ptr<in_t>();
+        out_t* op = out.mutable_data_ptr<out_t>();
+        at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t b0, int64_t b1) {
+          for (int64_t r = b0; r < b1; ++r) {
+            const acc_t* grow = gp + r * d;
+            const in_t* xrow = xp + r * d;
+            out_t* orow = op + r * d;
+            const acc_t norm = std::sqrt(sumsq_lanes<acc_t>(xrow, d));
+            if (norm > static_cast<acc_t>(kNormEps)) {
+              const acc_t inv = acc_t(1) / norm;
+              const acc_t coef = dot_lanes(grow, xrow, d) * inv * inv * inv;
+              for (int64_t j = 0; j < d; ++j)
+                orow[j] = static_cast<out_t>(inv * grow[j] - coef * static_cast<acc_t>(xrow[j]));
+            } else {
+              const acc_t inv = acc_t(1) / static_cast<acc_t>(kNormEps);
+              for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<out_t>(inv * grow[j]);
+            }
+          }
+        });
+      });
+    });
+  });
+}
+
+struct MaskInputs {
+  at::Tensor q, k, kc, scale;  // q (S,B,C,d) and scale (S,) in compute dtype; kc = contiguous k (its own dtype); k = kc
+                               // in compute dtype (same tensor when the dtypes agree)
+  int64_t S, B, C, N, d;
+  at::ScalarType ct;
+};
+
+MaskInputs prepare_mask(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
+  check_cpu_float(q, "q");
+  check_cpu_float(k, "k");
+  check_cpu_float(scale, "scale");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                  q.size(3) == k.size(3),
+              "mask_logits: q (S, B, C, d) and k (S, B, N, d) expected, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(0), "mask_logits: scale must be (S,), got ", scale.sizes());
+  MaskInputs in;
+  in.ct = compute_dtype({q, k});
+  in.S = q.size(0);
+  in.B = q.size(1);
+  in.C = q.size(2);
+  in.N = k.size(2);
+  in.d = q.size(3);
+  in.q = q.to(in.ct).contiguous();
+  in.kc = k.contiguous();
+  in.k = in.kc.to(in.ct);
+  in.scale = scale.to(in.ct).contiguous();
+  return in;
+}
+
+// q_hat (S,B,C,d): q normalised along d (or q itself).
+at::Tensor q_hat(const MaskInputs& in, bool normalize) {
+  if (!normalize) return in.q;
+  return in.q * row_inv_norms(in.q, in.d, in.ct).view({in.S, in.B, in.C, 1});
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
+                                                   bool normalize) {
+  const MaskInputs in = prepare_mask(q, k, scale);
+  const int64_t S = in.S, B = in.B, C = in.C, N = in.N, d = in.d;
+  at::Tensor rk = normalize ? row_inv_norms(in.kc, d, in.ct).view({S, B, N}) : at::empty({0}, q.options().dtype(in.ct));
+  at::Tensor out = at::empty({B, C, N}, q.options());
+  if (out.numel() == 0) return {out, rk};
+  if (S == 0 || d == 0) return {out.zero_(), rk};
+  const at::Tensor qs = q_hat(in, normalize) * in.scale.view({S, 1, 1, 1});
+  const at::Tensor L = at::bmm(qs.view({S * B, C, d}), in.k.view({S * B, N, d}).transpose(1, 2));  // (S*B, C, N)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "cascade_clip::mask_logits", [&] {
+    using out_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(in.ct, "cascade_clip::mask_logits_acc", [&] {
+      using acc_t = scalar_t;
+      const acc_t* lp = L.const_data_ptr<acc_t>();
+      const acc_t* rp = normalize ? rk.const_data_ptr<acc_t>() : nullptr;
+      out_t* op = out.mutable_data_ptr<out_t>();
+      const int64_t CN = C * N;
+      at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
+        std::vector<acc_t> acc(N);
+        for (int64_t r = r0; r < r1; ++r) {  // r = b*C + c
+          const int64_t b = r / C, c = r % C;
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t s = 0; s < S; ++s) {
+            const acc_t* lrow = lp + (s * B + b) * CN + c * N;
+            if (rp) {
+              const acc_t* rrow = rp + (s * B + b) * N;
+              for (int64_t n = 0; n < N; ++n) acc[n] += lrow[n] * rrow[n];
+            } else {
+              for (int64_t n = 0; n < N; ++n) acc[n] += lrow[n];
+            }
+          }
+          out_t* orow = op + r * N;
+          for (int64_t n = 0; n < N; ++n) orow[n] = static_cast<out_t>(acc[n]);
+        }
+      });
+    });
+  });
+  return {out, rk};
+}
+
+// grad (B,C,N) -> (grad_q (S,B,C,d), grad_k (S,B,N,d), grad_scale (S,)); unrequested ones are empty (0,) tensors.
+// With Gs[s,b] = grad[b] * rk[s,b] (columns scaled; rk = 1 without normalize):
+//   H[s,b]  = Gs[s,b] @ k[s,b]               (C, d) = dL/d(scale*q_hat) -> grad_scale[s] = sum <H, q_hat>,
+//                                                      dL/dq_hat = scale[s] * H, then through the normalisation
+//   Gk[s,b] = grad[b]^T @ (scale * q_hat)    (N, d) = dL/dk_hat, then through the normalisation (row pass)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_logits_backward_cpu(const at::Tensor& grad_in, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& scale,
+                                                                        const at::Tensor& rk_in, bool normalize,
+                                                                        std::array<bool, 3> mask) {
+  const MaskInputs in = prepare_mask(q, k, scale);
+  const int64_t S = in.S, B = in.B, C = in.C, N = in.N, d = in.d;
+  check_cpu_float(grad_in, "grad");
+  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == B && grad_in.size(1) == C && grad_in.size(2) == N,
+              "mask_logits_backward: grad must be (B, C, N), got ", grad_in.sizes());
+  at::Tensor rk;
+  if (normalize) {
+    rk = rk_in.numel() == S * B * N ? rk_in.to(in.ct).contiguous().view({S, B, N})
+                                    : row_inv_norms(in.kc, d, in.ct).view({S, B, N});
+  }
+  const at::Tensor G = grad_in.to(in.ct).contiguous();  // (B, C, N)
+  at::Tensor grad_q = at::empty({0}, q.options()), grad_k = at::empty({0}, k.options()),
+             grad_scale = at::empty({0}, scale.options());
+  if (!(mask[0] || mask[1] || mask[2])) return {grad_q, grad_k, grad_scale};
+  const at::Tensor qh = q_hat(in, normalize);
+  if (mask[0] || mask[2]) {
+    at::Tensor H = at::empty({S, B, C, d}, in.q.options());
+    for (int64_t s = 0; s < S; ++s) {
+      const at::Tensor Gs = normalize ? G * rk[s].unsqueeze(1) : G;  // (B, C, N)
+      at::Tensor Hs = H[s];  // contiguous (B, C, d) slice: the GEMM writes in place
+      at::bmm_out(Hs, Gs, in.k[s]);
+    }
+    if (mask[2]) grad_scale = (H * qh).sum({1, 2, 3}).to(scale.scalar_type());
+    if (mask[0]) {
+      const at::Tensor gqh = H.mul_(in.scale.view({S, 1, 1, 1}));
+      if (normalize) {
+        grad_q = at::empty({S, B, C, d}, q.options());
+        normalize_backward_rows(gqh, in.q, grad_q, d);
+      } else {
+        grad_q = gqh.to(q.scalar_type());
+      }
+    }
+  }
+  if (mask[1]) {
+    const at::Tensor qs = qh * in.scale.view({S, 1, 1, 1});
+    const at::Tensor Gt = G.transpose(1, 2);  // (B, N, C), a view: BLAS reads it transposed
+    at::Tensor Gk = at::empty({S, B, N, d}, in.q.options());
+    for (int64_t s = 0; s < S; ++s) {
+      at::Tensor Gks = Gk[s];  // contiguous (B, N, d) slice: the GEMM writes in place
+      at::bmm_out(Gks, Gt, qs[s]);
+    }
+    if (normalize) {
+      // In place when k already has the compute dtype: each row is read completely before it is written.
+      grad_k = k.scalar_type() == in.ct ? Gk : at::empty({S, B, N, d}, k.options());
+      normalize_backward_rows(Gk, in.kc, grad_k, d);
+    } else {
+      grad_k = Gk.to(k.scalar_type());
+    }
+  }
+  return {grad_q, grad_k, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cascade_clip, m) {
+  m.def("nga(Tensor feats, Tensor weights) -> Tensor");
+  m.def("nga_backward(Tensor grad, Tensor feats, Tensor weights, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def("descriptor(Tensor text, Tensor g, Tensor weight, Tensor bias) -> Tensor");
+  m.def(
+      "descriptor_backward(Tensor grad, Tensor text, Tensor g, Tensor weight, Tensor bias, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("mask_logits(Tensor q, Tensor k, Tensor scale, bool normalize) -> (Tensor, Tensor)");
+  m.def(
+      "mask_logits_backward(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor rk, bool normalize, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cascade_clip, CPU, m) {
+  m.impl("nga", &nga_cpu);
+  m.impl("nga_backward", &nga_backward_cpu);
+  m.impl("descriptor", &descriptor_cpu);
+  m.impl("descriptor_backward", &descriptor_backward_cpu);
+  m.impl("mask_logits", &mask_logits_cpu);
+  m.impl("mask_logits_backward", &mask_logits_backward_cpu);
+}
+
+}  // namespace cascade_clip
+
+// Found by cascade_clip/_cpp_backend.py in the file itself when a build for another torch cannot even be loaded.
+extern "C" __attribute__((used, visibility("default"))) const char cascade_clip_build_info[] =
+    "CASCADE_CLIP_BUILT_FOR_TORCH=" CASCADE_CLIP_TORCH_VERSION;
+
+// `import cascade_clip._C` loads this library (running the registrations above) through a minimal Python module,
+// as in pytorch/extension-cpp; no pybind11 is needed. TORCH_VERSION lets Python report a build for another torch.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "Registers the torch.ops.cascade_clip operators (CPU kernels).", -1, nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "TORCH_VERSION", CASCADE_CLIP_TORCH_VERSION) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}
