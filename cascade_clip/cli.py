@@ -1,7 +1,4 @@
-"""The ``cascade-clip`` command: ``cascade-clip demo`` and ``cascade-clip info``.
-
-Training, evaluation and prediction subcommands arrive with the pipeline (issues 5 and 6).
-"""
+"""The ``cascade-clip`` command. Each subcommand is a module with ``main(argv)``, imported only when used."""
 
 from __future__ import annotations
 
@@ -9,19 +6,33 @@ import argparse
 import importlib
 import sys
 
-_COMMANDS = {
+# subcommand -> (module, one-line help)
+COMMANDS = {
     "demo": ("cascade_clip.demo", "forward, loss and sliding-window inference of a tiny model on synthetic data"),
     "info": ("cascade_clip.info", "versions, the C++ extension and the available ops backends"),
+    "train": ("cascade_clip.train", "train a model (official recipe; torchrun for several GPUs)"),
+    "eval": ("cascade_clip.evaluate", "evaluate a checkpoint: mIoU (seen/unseen), hIoU, pixel accuracy"),
+    "config": ("cascade_clip.config_cli", "show a resolved training configuration"),
+    "predict": ("cascade_clip.predict", "segment your own images with any class names"),
+    "embed-text": ("cascade_clip.embed_text", "class names -> L2-normalised text embeddings (.npy)"),
 }
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="cascade-clip", description="Cascade-CLIP zero-shot segmentation")
-    parser.add_argument("command", choices=sorted(_COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in _COMMANDS.items()))
-    args, rest = parser.parse_known_args(argv[:1])
-    module = importlib.import_module(_COMMANDS[args.command][0])
-    module.main(argv[1:] + rest)
+    parser = argparse.ArgumentParser(prog="cascade-clip", description="Cascade-CLIP zero-shot semantic segmentation")
+    parser.add_argument(
+        "command", choices=list(COMMANDS), help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items())
+    )
+    args = parser.parse_args(argv[:1])
+    module_name = COMMANDS[args.command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        parser.error(f"'{args.command}' is not available in this version")
+    module.main(argv[1:])
 
 
 if __name__ == "__main__":
