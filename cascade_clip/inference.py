@@ -66,3 +66,23 @@ def slide_inference(
             total[:, :, y1:y2, x1:x2] += calibrated_scores(logits, seen, calibration)
             count[:, :, y1:y2, x1:x2] += 1
     return total / count
+
+
+def resize_short_side(images: torch.Tensor, short_side: int) -> torch.Tensor:
+    """Official test scale: (B, 3, H, W) resized so min(H, W) == ``short_side``, aspect kept (bilinear, no antialias).
+
+    mmseg resizes the uint8 image with OpenCV; bilinear resampling here differs from it by interpolation rounding only.
+    """
+    height, width = images.shape[-2:]
+    scale = short_side / min(height, width)
+    size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+    if size == (height, width):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+def scores_at_original_size(scores: torch.Tensor, size) -> torch.Tensor:
+    """Resize per-class scores (B, C, h, w) to the original image size (bilinear, align_corners=False)."""
+    if tuple(scores.shape[-2:]) == tuple(size):
+        return scores
+    return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)

@@ -1,0 +1,99 @@
+"""Checkpoints: this project's format (atomic writes), and loading a model from ours or an official one.
+
+This project's checkpoint is a dict with ``format`` = :data:`FORMAT`, ``model`` (the unwrapped model's state dict),
+``model_config`` (:meth:`ModelConfig.to_dict`), and whatever else the trainer adds (``optimizer``, ``scheduler``,
+``iteration``, ``rng``, ``train_config``). An official checkpoint (mmseg layout) has no config: its dataset preset is
+recognised from the prompt-token count (VOC 10, Context 35, COCO 50) unless one is given.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .config import ModelConfig
+from .official import read_checkpoint
+
+FORMAT = "cascade-clip/1"
+_PRESET_BY_PROMPTS = {10: "voc", 35: "context", 50: "coco"}
+
+
+def save_atomic(path: str, payload: Mapping[str, Any]) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model_checkpoint(path: str, model, **extra: Any) -> None:
+    """Write ``model`` (unwrapped from DDP/compile) and its config in this project's format, plus ``extra`` entries."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    save_atomic(path, {"format": FORMAT, "model": model.state_dict(), "model_config": model.cfg.to_dict(), **extra})
+
+
+def read_any_checkpoint(path: str) -> Dict[str, Any]:
+    """The raw checkpoint dict at ``path`` (ours: full dict; official: {'official_state_dict': ...})."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        return raw
+    return {"official_state_dict": read_checkpoint(raw if isinstance(raw, dict) else path)}
+
+
+def official_preset(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The dataset preset an official checkpoint was trained with, from its prompt-token count."""
+    prompts = state_dict.get("backbone.prompt_embeddings")
+    if prompts is None:
+        raise ValueError("not an official Cascade-CLIP checkpoint: backbone.prompt_embeddings is missing")
+    tokens = prompts.shape[1]
+    if tokens not in _PRESET_BY_PROMPTS:
+        raise ValueError(f"official checkpoint with {tokens} prompt tokens matches no preset (10, 35, 50); pass a config")
+    return _PRESET_BY_PROMPTS[tokens]
+
+
+def load_model(
+    path: str, *, config: Optional[ModelConfig] = None, map_location: str = "cpu", **overrides: Any
+) -> Tuple["CascadeCLIP", Dict[str, Any]]:
+    """Build and load a model from a checkpoint of this project or an official one.
+
+    ``config`` replaces the stored/recognised configuration; ``overrides`` change fields of it (e.g. ``crop_size``).
+    Returns the model in eval mode and the raw checkpoint dict.
+    """
+    from .model import CascadeCLIP
+
+    raw = read_any_checkpoint(path)
+    if "official_state_dict" in raw:
+        state = raw["official_state_dict"]
+        cfg = config or ModelConfig.preset(official_preset(state))
+        if overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+        model = CascadeCLIP(cfg)
+        model.load_official_state_dict(state)
+    else:
+        cfg = config or ModelConfig.from_dict(raw["model_config"])
+        if overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+        model = CascadeCLIP(cfg)
+        try:
+            model.load_state_dict(raw["model"], strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: checkpoint does not match the model configuration:\n{exc}") from exc
+    return model.to(map_location).eval(), raw

@@ -1,0 +1,61 @@
+"""Checkpoints of this project and official ones load into a model; writes are atomic."""
+
+import os
+
+import pytest
+import torch
+
+from cascade_clip import CascadeCLIP, ModelConfig
+from cascade_clip.checkpoint import load_model, official_preset, save_atomic, save_model_checkpoint
+
+TINY = dict(clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4, decoder_heads=4, decoder_ffn_dim=256)
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    model = CascadeCLIP(ModelConfig.preset("coco", **TINY))
+    path = str(tmp_path / "latest.pt")
+    save_model_checkpoint(path, model, iteration=7)
+    loaded, raw = load_model(path)
+    assert raw["iteration"] == 7 and loaded.cfg == model.cfg
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert not loaded.training
+    assert load_model(path, crop_size=128)[0].cfg.crop_size == 128
+
+
+def test_official_checkpoint_with_explicit_config(tmp_path):
+    cfg = ModelConfig.preset("voc", **TINY)
+    model = CascadeCLIP(cfg)
+    path = str(tmp_path / "official.pth")
+    torch.save({"meta": {}, "state_dict": model.official_state_dict()}, path)
+    loaded, _ = load_model(path, config=cfg)
+    assert torch.equal(loaded.backbone.prompt_embeddings, model.backbone.prompt_embeddings)
+
+
+def test_official_preset_is_recognised_from_prompt_count():
+    assert official_preset({"backbone.prompt_embeddings": torch.zeros(1, 50, 768)}) == "coco"
+    assert official_preset({"backbone.prompt_embeddings": torch.zeros(1, 35, 768)}) == "context"
+    with pytest.raises(ValueError, match="7 prompt tokens"):
+        official_preset({"backbone.prompt_embeddings": torch.zeros(1, 7, 768)})
+
+
+def test_mismatched_checkpoint_is_named(tmp_path):
+    model = CascadeCLIP(ModelConfig.preset("voc", **TINY))
+    path = str(tmp_path / "latest.pt")
+    save_model_checkpoint(path, model)
+    with pytest.raises(ValueError, match="does not match the model configuration"):
+        load_model(path, config=ModelConfig.preset("voc", **{**TINY, "decoder_ffn_dim": 128}))
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    save_atomic(path, {"a": torch.ones(2)})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic(path, {"a": Unpicklable()})
+    assert torch.load(path)["a"].tolist() == [1.0, 1.0]  # the old file is intact
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary left behind
