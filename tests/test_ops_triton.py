@@ -329,3 +329,35 @@ def test_compile_fullgraph_real_bf16():
     _assert_close("compiled", y, ops.mask_logits(q, k, scale, normalize=True, backend="reference"), torch.bfloat16)
     y.float().sum().backward()
     assert q.grad is not None and k.grad is not None and scale.grad is not None
+
+
+# ---------------------------------------------------------------- benchmark plumbing (CPU side)
+
+def test_bench_script_dry_run(tmp_path):
+    """bench/bench_gpu.py --dry-run (interpreter, tiny shapes) appends CSV rows; render_results reads them back."""
+    import csv
+    import importlib.util
+    import os
+
+    bench_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(bench_dir, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    bench, render = load("bench_gpu"), load("render_results")
+    out = tmp_path / "out"
+    argv = ["--dry-run", "--out", str(out), "--ops", "nga,mask_logits", "--modes", "fwd"]
+    assert bench.main(argv) == 0
+    assert bench.main(argv) == 0  # a second run appends, never rewrites
+    with open(out / "results_gpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2  # 2 runs x 2 ops x (eager, triton)
+    assert {r["provider"] for r in rows} == {"eager", "triton"} and all(float(r["p50_ms"]) > 0 for r in rows)
+    md = tmp_path / "table.md"
+    assert render.main([str(out / "results_gpu.csv"), "--md", str(md)]) == 0
+    assert "| nga |" in md.read_text()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(out), "--dtypes", "fp8"])

@@ -1,0 +1,323 @@
+"""Shared setup of the GPU kernel benchmarks: cases, inputs, providers, work formulas, timing and CSV rows.
+
+Used by ``bench/bench_gpu.py`` (the script that appends to a CSV) and ``bench/test_bench_gpu.py`` (the same cases as
+pytest-benchmark tests), so both time exactly the same callables on the same inputs.
+
+Providers: ``eager`` is the official formulation (``bench/official_ops.py``: Python sum over taps, concat + Linear,
+per-head logits averaged over heads), ``compile`` is ``torch.compile`` of it, ``triton`` is our backend through
+``cascade_clip.ops``. Modes: ``fwd`` and ``fwd+bwd`` (backward of a fixed random cotangent to every float input).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_ops  # noqa: E402  (bench/ is a folder of scripts, not a package)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The paper's head shapes: 3 stages, 3 NGA taps, 32x32 patches, width 512, 8 heads in the decoder.
+STAGES, TAPS, WIDTH, HEADS = 3, 3, 512, 8
+GRID_N = 32 * 32
+BATCHES = (4, 8, 16)
+CLASSES = (15, 20, 59, 171)  # class counts of the paper's zero-shot benchmarks (unseen/seen splits, Context, COCO-Stuff)
+DTYPES = ("bf16", "fp32")
+PROVIDERS = ("eager", "compile", "triton")
+MODES = ("fwd", "fwd+bwd")
+DTYPE_OF = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+CSV_FIELDS = [
+    "date", "card", "torch", "triton", "commit", "op", "variant", "provider", "mode", "shape", "dtype",
+    "p50_ms", "p20_ms", "p80_ms", "gbps", "tflops", "frac_copy_bw", "frac_mm_peak", "peak_mem_mib",
+    "copy_gbps_measured", "mm_tflops_measured",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark shape. ``variant`` only matters for mask_logits: ``attn`` (head-averaged attention logits,
+    ``normalize=False``) or ``cos`` (cosine logits, ``normalize=True``, one head)."""
+
+    op: str
+    B: int
+    dtype: str
+    C: int = 0
+    N: int = GRID_N
+    D: int = WIDTH
+    S: int = STAGES
+    K: int = TAPS
+    variant: str = ""
+
+    @property
+    def shape(self) -> str:
+        if self.op == "nga":
+            return f"S{self.S},K{self.K},B{self.B},N{self.N},D{self.D}"
+        if self.op == "descriptor":
+            return f"S{self.S},B{self.B},C{self.C},d{self.D},e{self.D}"
+        return f"S{self.S},B{self.B},C{self.C},N{self.N},d{self.D}"
+
+    @property
+    def id(self) -> str:
+        v = f"-{self.variant}" if self.variant else ""
+        return f"{self.op}{v}-{self.shape}-{self.dtype}"
+
+
+def cases(batches: Sequence[int] = BATCHES, classes: Sequence[int] = CLASSES, dtypes: Sequence[str] = DTYPES,
+          N: int = GRID_N, D: int = WIDTH, ops: Sequence[str] = ("nga", "descriptor", "mask_logits")) -> List[Case]:
+    """All cases, most important first (bf16 and B=8 lead: the issue's targets), so a run cut short by a timeout
+    has already measured them."""
+    out: List[Case] = []
+    order_b = sorted(batches, key=lambda b: (b != 8, b))
+    for dtype in dtypes:
+        for B in order_b:
+            if "nga" in ops:
+                out.append(Case("nga", B, dtype, N=N, D=D))
+            for C in classes:
+                if "descriptor" in ops:
+                    out.append(Case("descriptor", B, dtype, C=C, N=N, D=D))
+                if "mask_logits" in ops:
+                    out.append(Case("mask_logits", B, dtype, C=C, N=N, D=D, variant="attn"))
+                    if B == 8:
+                        out.append(Case("mask_logits", B, dtype, C=C, N=N, D=D, variant="cos"))
+    return out
+
+
+# ------------------------------------------------------------------ inputs and providers
+
+def make_inputs(case: Case, device: str, requires_grad: bool) -> List[torch.Tensor]:
+    """The op's inputs, random, in the case's dtype (NGA weights float32, as in the model)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = DTYPE_OF[case.dtype]
+
+    def rnd(*shape, scale=1.0, dtype=dt):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype).requires_grad_(requires_grad)
+
+    if case.op == "nga":
+        return [rnd(case.S, case.K, case.B, case.N, case.D), rnd(case.S, case.K, dtype=torch.float32, scale=0.3)]
+    if case.op == "descriptor":
+        d = case.D
+        return [rnd(case.C, d), rnd(case.B, d), rnd(case.S, d, 2 * d, scale=(2 * d) ** -0.5), rnd(case.S, d, scale=0.1)]
+    return [rnd(case.S, case.B, case.C, case.D), rnd(case.S, case.B, case.N, case.D)]
+
+
+def _mask_params(case: Case):
+    heads = HEADS if case.variant == "attn" else 1
+    normalize = case.variant == "cos"
+    scale = (case.D // heads) ** -0.5 / heads
+    return heads, normalize, scale
+
+
+def eager_fn(case: Case) -> Callable:
+    """The official formulation of the case's op, taking the inputs of :func:`make_inputs`."""
+    if case.op == "nga":
+        return official_ops.nga
+    if case.op == "descriptor":
+        return official_ops.descriptor
+    heads, normalize, _ = _mask_params(case)
+    return lambda q, k: official_ops.mask_logits(q, k, heads, normalize)
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _configure_dynamo() -> None:
+    # every case is a new static shape: lift the recompile limit so dynamo never silently falls back to eager
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
+
+
+def provider_fn(case: Case, provider: str, device: str) -> Callable:
+    if provider == "eager":
+        return eager_fn(case)
+    if provider == "compile":
+        _configure_dynamo()
+        key = f"{case.op}-{case.variant}"
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(eager_fn(case), dynamic=False)
+        return _COMPILED[key]
+    if provider == "triton":
+        from cascade_clip import ops
+
+        if case.op == "nga":
+            return lambda f, w: ops.nga(f, w, backend="triton")
+        if case.op == "descriptor":
+            return lambda t, g, w, b: ops.descriptor(t, g, w, b, backend="triton")
+        _, normalize, scale = _mask_params(case)
+        scale_t = torch.full((case.S,), scale, dtype=torch.float32, device=device)
+        return lambda q, k: ops.mask_logits(q, k, scale_t, normalize=normalize, backend="triton")
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def runner(case: Case, provider: str, mode: str, device: str):
+    """``(callable, inputs)``: the callable runs one timed iteration of ``mode`` on inputs made once."""
+    inputs = make_inputs(case, device, requires_grad=(mode == "fwd+bwd"))
+    fn = provider_fn(case, provider, device)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+        return run, inputs
+    with torch.no_grad():
+        out = fn(*inputs)
+    cot = torch.randn(out.shape, device=device, dtype=torch.float32).to(out.dtype)
+
+    def run_bwd():
+        fn(*inputs).backward(cot)
+    return run_bwd, inputs
+
+
+# ------------------------------------------------------------------ work formulas
+
+def work(case: Case, mode: str):
+    """``(bytes, flops)`` of one call: the minimum traffic (every input read once, every output written once) and
+    the official formulation's multiply-adds x2. The same numbers serve every provider, so GB/s and TFLOP/s compare
+    time only."""
+    es = torch.empty(0, dtype=DTYPE_OF[case.dtype]).element_size()
+    S, K, B, N, D, C = case.S, case.K, case.B, case.N, case.D, case.C
+    if case.op == "nga":
+        M = B * N * D
+        # fwd: read S*K*M taps, write S*M; bwd: read grad S*M and taps S*K*M, write S*K*M tap grads
+        elems = S * K * M + S * M if mode == "fwd" else 3 * S * K * M + 2 * S * M
+        flops = 2 * S * K * M * (1 if mode == "fwd" else 2)
+        return elems * es, flops
+    if case.op == "descriptor":
+        # fwd: read text C*d, g B*d, weight S*e*2d, bias S*e; write S*B*C*e.  flops: [T*g, T] (B*C x 2d) @ (2d x e)
+        io = C * D + B * D + S * D * 2 * D + S * D + S * B * C * D
+        fwd_flops = 2 * S * B * C * D * 2 * D
+        if mode == "fwd":
+            return io * es, fwd_flops
+        # bwd adds: read grad, write the four grads (same sizes as the inputs); flops: d relation + d weight
+        return (2 * io) * es, 3 * fwd_flops
+    # mask_logits fwd: read q S*B*C*d and k S*B*N*d, write B*C*N; flops 2*S*B*C*N*d
+    io = S * B * C * D + S * B * N * D + B * C * N
+    fwd_flops = 2 * S * B * C * N * D
+    if mode == "fwd":
+        return io * es, fwd_flops
+    return (2 * io) * es, 3 * fwd_flops  # bwd: read grad (+q, k), write dq, dk; flops dq + dk
+
+
+# ------------------------------------------------------------------ timing
+
+def time_fn(fn: Callable, inputs: Sequence[torch.Tensor], device: str, warmup_ms: int = 25, rep_ms: int = 100):
+    """``(p50, p20, p80)`` in milliseconds: ``triton.testing.do_bench`` on CUDA, a plain timer on the CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        grads = [t for t in inputs if t.requires_grad]
+        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads or None,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    fn()
+    times = []
+    for _ in range(3):
+        for t in inputs:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[1], times[0], times[2]
+
+
+def peak_memory_mib(fn: Callable, inputs: Sequence[torch.Tensor], device: str) -> float:
+    """Memory allocated above the inputs during one call (MiB); NaN off CUDA."""
+    if device != "cuda":
+        return float("nan")
+    for t in inputs:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_peaks(device: str) -> Dict[str, float]:
+    """The card's measured device-to-device copy bandwidth (GB/s, read + write) and matmul peak (TFLOP/s) per dtype."""
+    if device != "cuda":
+        return {"copy_gbps": float("nan"), "mm_bf16": float("nan"), "mm_fp32": float("nan")}
+    import triton.testing
+
+    src = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    copy_gbps = 2 * src.numel() * 4 / ms / 1e6
+    del src, dst
+    peaks = {"copy_gbps": copy_gbps}
+    for name, dt, n in (("mm_bf16", torch.bfloat16, 8192), ("mm_fp32", torch.float32, 4096)):
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+        peaks[name] = 2 * n**3 / ms / 1e9
+        del a, b
+    torch.cuda.empty_cache()
+    return peaks
+
+
+# ------------------------------------------------------------------ CSV
+
+def environment(device: str) -> Dict[str, str]:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "card": card,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+    }
+
+
+def make_row(env: Dict[str, str], peaks: Dict[str, float], case: Case, provider: str, mode: str,
+             times, peak_mib: float) -> Dict[str, str]:
+    p50, p20, p80 = times
+    nbytes, flops = work(case, mode)
+    gbps = nbytes / p50 / 1e6
+    tflops = flops / p50 / 1e9
+    mm_peak = peaks["mm_bf16"] if case.dtype in ("bf16", "fp16") else peaks["mm_fp32"]
+    row = dict(env)
+    row.update(
+        op=case.op, variant=case.variant, provider=provider, mode=mode, shape=case.shape, dtype=case.dtype,
+        p50_ms=f"{p50:.5f}", p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}", gbps=f"{gbps:.2f}", tflops=f"{tflops:.3f}",
+        frac_copy_bw=f"{gbps / peaks['copy_gbps']:.3f}", frac_mm_peak=f"{tflops / mm_peak:.3f}",
+        peak_mem_mib=f"{peak_mib:.1f}", copy_gbps_measured=f"{peaks['copy_gbps']:.1f}",
+        mm_tflops_measured=f"{mm_peak:.1f}",
+    )
+    return row
+
+
+def append_rows(path: str, rows: List[Dict[str, str]]) -> None:
+    """Append rows to ``path`` (header written only when the file is new); never rewrites earlier rows."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_FIELDS:
+            raise ValueError(f"{path} has another header {header}; write to a new file")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()

@@ -1,0 +1,123 @@
+"""GPU benchmark of the three head ops: eager official formulation vs torch.compile of it vs the Triton kernels.
+
+    python bench/bench_gpu.py --out DIR            # all cases on the GPU, rows appended to DIR/results_gpu.csv
+    python bench/bench_gpu.py --dry-run --out DIR  # CPU, Triton interpreter, tiny shapes: checks the plumbing only
+
+Every case (op x B x C x dtype, see ``bench_common_gpu.cases``) is timed forward and forward+backward with
+``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8); each row carries the median, GB/s and TFLOP/s from the formulas in
+``bench_common_gpu.work``, the fraction of the copy bandwidth and matmul peak measured at the start of the same run,
+peak memory, the card, versions, commit and date. Rows are appended after each case, so a run stopped by a timeout
+keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():
+    # the kernels can only run under the interpreter here; it must be set before cascade_clip.kernels is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common_gpu as common  # noqa: E402
+
+
+def _ints(text: str):
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _strs(text: str):
+    return tuple(x for x in text.split(",") if x)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (created); the CSV and log go there")
+    p.add_argument("--csv", default=None, help="CSV path (default OUT/results_gpu.csv); rows are appended")
+    p.add_argument("--ops", type=_strs, default=("nga", "descriptor", "mask_logits"))
+    p.add_argument("--batches", type=_ints, default=common.BATCHES)
+    p.add_argument("--classes", type=_ints, default=common.CLASSES)
+    p.add_argument("--dtypes", type=_strs, default=common.DTYPES)
+    p.add_argument("--providers", type=_strs, default=common.PROVIDERS)
+    p.add_argument("--modes", type=_strs, default=common.MODES)
+    p.add_argument("--compile-batches", type=_ints, default=(8,),
+                   help="batches at which the torch.compile provider runs (each shape is a fresh compile)")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing budget per measurement")
+    p.add_argument("--budget-s", type=float, default=0.0, help="stop starting new cases after this many seconds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU and the Triton interpreter, tiny shapes, eager+triton only: exercises args and CSV")
+    args = p.parse_args(argv)
+    for dt in args.dtypes:
+        if dt not in common.DTYPE_OF:
+            p.error(f"unknown dtype {dt!r}; known {sorted(common.DTYPE_OF)}")
+    for prov in args.providers:
+        if prov not in common.PROVIDERS:
+            p.error(f"unknown provider {prov!r}; known {common.PROVIDERS}")
+    for mode in args.modes:
+        if mode not in common.MODES:
+            p.error(f"unknown mode {mode!r}; known {common.MODES}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = args.csv or os.path.join(args.out, "results_gpu.csv")
+    if args.dry_run:
+        device = "cpu"
+        case_list = common.cases(batches=(1,), classes=(3,), dtypes=("fp32",), N=16, D=16, ops=args.ops)
+        providers = [p for p in args.providers if p != "compile"]
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: use --dry-run for the CPU plumbing check", file=sys.stderr)
+            return 2
+        device = "cuda"
+        case_list = common.cases(batches=args.batches, classes=args.classes, dtypes=args.dtypes, ops=args.ops)
+        providers = list(args.providers)
+
+    env = common.environment(device)
+    peaks = common.measure_peaks(device)
+    print(f"# {env['card']} torch {env['torch']} triton {env['triton']} commit {env['commit']}", flush=True)
+    print(f"# measured: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['mm_bf16']:.0f} TFLOP/s, "
+          f"fp32 matmul {peaks['mm_fp32']:.1f} TFLOP/s; {len(case_list)} cases -> {csv_path}", flush=True)
+
+    start = time.time()
+    failures = 0
+    for case in case_list:
+        if args.budget_s and time.time() - start > args.budget_s:
+            print(f"# budget of {args.budget_s:.0f}s spent; stopping before {case.id}", flush=True)
+            break
+        rows = []
+        for provider in providers:
+            if provider == "compile" and case.B not in args.compile_batches:
+                continue
+            for mode in args.modes:
+                try:
+                    fn, inputs = common.runner(case, provider, mode, device)
+                    fn()  # compile / autotune outside the timed region
+                    times = common.time_fn(fn, inputs, device, rep_ms=args.rep_ms)
+                    peak = common.peak_memory_mib(fn, inputs, device)
+                    row = common.make_row(env, peaks, case, provider, mode, times, peak)
+                    rows.append(row)
+                    print(f"{case.id:58s} {provider:8s} {mode:8s} p50 {times[0]:9.4f} ms  {row['gbps']:>9s} GB/s "
+                          f"{row['tflops']:>8s} TFLOP/s  peak {row['peak_mem_mib']:>8s} MiB", flush=True)
+                except Exception:  # one broken provider must not lose the other rows
+                    failures += 1
+                    print(f"{case.id} {provider} {mode} FAILED:\n{traceback.format_exc()}", flush=True)
+                finally:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+        if rows:
+            common.append_rows(csv_path, rows)
+    print(f"# done in {time.time() - start:.0f}s, {failures} failures", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

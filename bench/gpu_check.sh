@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One-call GPU check: parity tests of the Triton backend at real shapes, then the kernel benchmark.
+#
+#   bash bench/gpu_check.sh OUT_DIR
+#
+# Made for a fresh GPU machine without network (python3 with torch, triton, pytest, pytest-benchmark; maybe no
+# open_clip or torchvision). Missing wheels come from ./wheels (git-ignored; filled on a networked machine with
+# `pip download --no-deps open_clip_torch==3.3.0 ftfy wcwidth -d wheels/`). Every step runs under `timeout`, is logged,
+# and a failing step does not stop the next, so partial results still come back. Total under ~6 minutes.
+# At most 7 files are written to OUT_DIR (the device tool returns at most 8):
+#   gpu_check.log  pytest_gpu.log  pytest_rest.log  bench.log  results_gpu.csv  results_gpu.md  results_gpu.png
+set -u
+
+OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# step NAME TIMEOUT_S LOGFILE CMD...: run CMD under timeout, output to LOGFILE, record status, never abort the script
+step() {
+    local name=$1 limit=$2 logfile=$3
+    shift 3
+    log "step '$name' (timeout ${limit}s): $*"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$logfile" 2>&1
+    local rc=$?
+    if [ $rc -eq 0 ]; then log "step '$name' ok"; elif [ $rc -eq 124 ]; then log "step '$name' TIMED OUT"; else log "step '$name' FAILED rc=$rc"; fi
+    return 0
+}
+
+log "repo $REPO, out $OUT, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
+} | tee -a "$LOG"
+
+# 1. wheels for what is missing (open_clip and its small deps; the Triton tests themselves need none of them)
+missing=""
+$PY -c "import open_clip" >/dev/null 2>&1 || missing="$missing open_clip_torch"
+$PY -c "import ftfy" >/dev/null 2>&1 || missing="$missing ftfy"
+$PY -c "import wcwidth" >/dev/null 2>&1 || missing="$missing wcwidth"
+if [ -n "$missing" ]; then
+    wheels=""
+    for name in $missing; do
+        for w in wheels/${name}-*.whl; do [ -e "$w" ] && wheels="$wheels $w"; done
+    done
+    if [ -n "$wheels" ]; then
+        step "install wheels:$missing" 60 "$LOG" $PY -m pip install -q --no-index --no-deps --no-compile $wheels
+    else
+        log "missing:$missing, but no matching file in wheels/ (carry it with the run)"
+    fi
+fi
+
+# 2. make cascade_clip (with cascade_clip.kernels) importable at once through a symlinked tree, and run the real
+#    editable install in the background (its C++ build may take a while; the Triton tests do not need it)
+SITE=$(mktemp -d)
+mkdir -p "$SITE/cascade_clip"
+for f in "$REPO"/cascade_clip/*; do ln -s "$f" "$SITE/cascade_clip/"; done
+ln -s "$REPO/kernels" "$SITE/cascade_clip/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+log "cascade_clip importable from $SITE (symlinks); editable install starts in the background"
+if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then  # local dry runs: leave this machine's install alone
+    ( echo "rc=skipped (GPU_CHECK_SKIP_INSTALL=1)" >"$OUT/.pip.log" ) &
+else
+    ( CASCADE_CLIP_NO_CUDA=1 timeout 240 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/.pip.log" 2>&1
+      echo "rc=$?" >>"$OUT/.pip.log" ) &
+fi
+PIP_PID=$!
+$PY -c "from cascade_clip import ops; print('backends:', ops.available_backends(), ops.unavailable_reason('triton'))" 2>&1 | tee -a "$LOG"
+
+# without a GPU (a local check of this script) the benchmark runs its --dry-run: CPU interpreter, tiny shapes
+DRY=""
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { DRY="--dry-run"; log "no CUDA: benchmark in --dry-run mode"; }
+
+# 3. correctness first: the GPU parity tests at real shapes (bf16 dot paths included)
+step "pytest -m gpu" 170 "$OUT/pytest_gpu.log" $PY -m pytest -q -rfE -m gpu tests/test_ops_triton.py -p no:cacheprovider
+tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
+
+# 4. benchmark, eager official formulation vs Triton at every case (bf16 and B=8 first); rows appended as they come
+step "bench eager+triton" 90 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --budget-s 70 --rep-ms 50
+
+# 5. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
+step "pytest not gpu" 60 "$OUT/pytest_rest.log" $PY -m pytest -q -rfE -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
+tail -n 3 "$OUT/pytest_rest.log" | tee -a "$LOG"
+
+# 6. torch.compile of the official formulation, B=8 (one compile per shape), with whatever time is left
+left=$(( 330 - ($(date +%s) - START) ))
+if [ "$left" -gt 30 ]; then
+    step "bench compile" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers compile --batches 8 --budget-s $(( left - 25 )) --rep-ms 50
+else
+    log "no time left for the torch.compile provider"
+fi
+
+# 7. table and plot from the CSV
+if [ -s "$OUT/results_gpu.csv" ]; then
+    step "render" 30 "$LOG" $PY bench/render_results.py "$OUT/results_gpu.csv" --md "$OUT/results_gpu.md" --png "$OUT/results_gpu.png"
+fi
+
+# 8. report the background install (never wait long for it)
+if kill -0 "$PIP_PID" 2>/dev/null; then
+    log "editable install still running after $(( $(date +%s) - START ))s; not waiting"
+    kill "$PIP_PID" 2>/dev/null
+else
+    log "editable install: $(tail -n 1 "$OUT/.pip.log" 2>/dev/null)"
+    $PY - <<'EOF' 2>&1 | tee -a "$LOG"
+import subprocess, sys, os
+env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+r = subprocess.run([sys.executable, "-c", "import cascade_clip.kernels, cascade_clip.ops as o; print('installed package imports; backends', o.available_backends())"], env=env, capture_output=True, text=True, cwd="/")
+print((r.stdout + r.stderr).strip()[-400:])
+EOF
+fi
+tail -n 5 "$OUT/.pip.log" >>"$LOG" 2>/dev/null
+rm -f "$OUT/.pip.log"
+log "done in $(( $(date +%s) - START ))s"

@@ -1,0 +1,154 @@
+"""Render the GPU benchmark CSV as a markdown table (and a PNG plot when matplotlib is installed).
+
+    python bench/render_results.py bench/results_gpu.csv --md OUT.md --png OUT.png
+
+Only the latest run per card is shown (rows are grouped by card and the newest ``date`` of that card). For every case
+the table lists each provider's median time and the Triton kernel's speed-up over eager and torch.compile, its GB/s or
+TFLOP/s, its fraction of the measured copy bandwidth / matmul peak, and the peak memory of eager vs Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from collections import OrderedDict
+from typing import Dict, List
+
+
+def load(path: str) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def latest_runs(rows: List[Dict[str, str]]) -> List[Dict[str, str]]:
+    """The rows of the newest run of each card; within it, the last row of each (op, variant, shape, dtype, provider,
+    mode). A run's rows share a commit and were written within an hour of its newest row."""
+    by_card: Dict[str, List[Dict[str, str]]] = OrderedDict()
+    for r in rows:
+        by_card.setdefault(r["card"], []).append(r)
+    keep: Dict[tuple, Dict[str, str]] = OrderedDict()
+    for card, rs in by_card.items():
+        newest = max(rs, key=lambda r: r["date"])
+        for r in rs:
+            if r["commit"] == newest["commit"] and r["date"][:13] >= _hour_before(newest["date"]):
+                keep[(card, r["op"], r["variant"], r["shape"], r["dtype"], r["provider"], r["mode"])] = r
+    return list(keep.values())
+
+
+def _hour_before(date: str) -> str:
+    import datetime
+
+    try:
+        t = datetime.datetime.strptime(date, "%Y-%m-%dT%H:%M:%SZ") - datetime.timedelta(hours=1)
+    except ValueError:
+        return ""
+    return t.strftime("%Y-%m-%dT%H")
+
+
+def _f(x: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def table(rows: List[Dict[str, str]]) -> str:
+    cases: Dict[tuple, Dict[str, Dict[str, str]]] = OrderedDict()
+    for r in rows:
+        key = (r["card"], r["op"], r["variant"], r["shape"], r["dtype"], r["mode"])
+        cases.setdefault(key, {})[r["provider"]] = r
+    lines = []
+    cards = sorted({k[0] for k in cases})
+    for card in cards:
+        first = next(r for r in rows if r["card"] == card)
+        lines.append(f"### {card} (torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
+                     f"{first['date'][:10]}; measured copy {first['copy_gbps_measured']} GB/s)")
+        lines.append("")
+        lines.append("| op | shape | dtype | mode | eager ms | compile ms | triton ms | vs eager | vs compile "
+                     "| triton GB/s | triton TFLOP/s | frac copy BW | frac mm peak | peak MiB eager / triton |")
+        lines.append("|" + "---|" * 14)
+        for key, prov in cases.items():
+            if key[0] != card:
+                continue
+            _, op, variant, shape, dtype, mode = key
+            e, c, t = (_f(prov.get(p, {}).get("p50_ms")) for p in ("eager", "compile", "triton"))
+            tr = prov.get("triton", {})
+            name = f"{op} ({variant})" if variant else op
+
+            def ms(x):
+                return "-" if x != x else f"{x:.4f}"
+
+            def ratio(a, b):
+                return "-" if a != a or b != b or b == 0 else f"{a / b:.2f}x"
+
+            lines.append(
+                f"| {name} | {shape} | {dtype} | {mode} | {ms(e)} | {ms(c)} | {ms(t)} | {ratio(e, t)} | {ratio(c, t)} "
+                f"| {tr.get('gbps', '-')} | {tr.get('tflops', '-')} | {tr.get('frac_copy_bw', '-')} "
+                f"| {tr.get('frac_mm_peak', '-')} | {prov.get('eager', {}).get('peak_mem_mib', '-')} / "
+                f"{tr.get('peak_mem_mib', '-')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict[str, str]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot", file=sys.stderr)
+        return False
+    ops = sorted({r["op"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(ops)), figsize=(6 * max(1, len(ops)), 4.5), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        sub = [r for r in rows if r["op"] == op]
+        labels = list(OrderedDict.fromkeys(f"{r['variant']}{' ' if r['variant'] else ''}{r['shape']} {r['dtype']} {r['mode']}"
+                                           for r in sub))
+        for j, prov in enumerate(("eager", "compile", "triton")):
+            ys = []
+            for lab in labels:
+                match = [r for r in sub if r["provider"] == prov and
+                         f"{r['variant']}{' ' if r['variant'] else ''}{r['shape']} {r['dtype']} {r['mode']}" == lab]
+                ys.append(_f(match[-1]["p50_ms"]) if match else float("nan"))
+            ax.bar([i + 0.27 * (j - 1) for i in range(len(labels))], ys, width=0.27, label=prov)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=5)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log)")
+        ax.set_title(op)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_gpu.csv"))
+    p.add_argument("--md", default=None, help="write the markdown here (default: print it)")
+    p.add_argument("--png", default=None, help="write a plot here (needs matplotlib)")
+    p.add_argument("--all", action="store_true", help="every row, not only the latest run per card")
+    args = p.parse_args(argv)
+    rows = load(args.csv)
+    if not rows:
+        print(f"{args.csv} has no rows", file=sys.stderr)
+        return 1
+    if not args.all:
+        rows = latest_runs(rows)
+    md = table(rows)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(md + "\n")
+    else:
+        print(md)
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
