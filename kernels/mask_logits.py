@@ -40,8 +40,9 @@ def _fwd_configs():
         (64, 128, 64, 8, 3),
         (128, 64, 64, 8, 3),
         (32, 128, 64, 4, 3),
-        (64, 128, 32, 4, 4),
-        (16, 128, 64, 4, 3),
+        (32, 64, 64, 4, 3),
+        (16, 128, 64, 4, 3),  # C = 15-20: one class block, more programs along N
+        (16, 64, 64, 4, 4),
     ):
         configs.append(triton.Config({"BLOCK_C": bc, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages))
     return autotune_configs(configs)
@@ -231,7 +232,7 @@ def _mask_logits_bwd_q_kernel(
 
     acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)  # P_q = G @ k_hat
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + offs_n0
+        offs_n = (n0 + offs_n0).to(tl.int64)  # offs_n * D may pass 2^31 within one (s, b) slice
         mask_n = offs_n < N
         gt = tl.load(grad_ptr + (b * C + offs_c[:, None]) * N + offs_n[None, :],
                      mask=mask_c[:, None] & mask_n[None, :], other=0.0)

@@ -38,7 +38,8 @@ def _nga_fwd_kernel(
     mask = offs < M
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     f_base = feats_ptr + s * stride_fs
-    for k in range(K):
+    for k32 in range(K):
+        k = tl.cast(k32, tl.int64)  # k * stride_fk passes 2^31 for large taps
         w = tl.load(w_ptr + s * stride_ws + k * stride_wk).to(tl.float32)
         x = tl.load(f_base + k * stride_fk + offs, mask=mask, other=0.0).to(tl.float32)
         acc += w * x
@@ -69,7 +70,8 @@ def _nga_bwd_kernel(
     grad = tl.load(grad_ptr + s * stride_gs + offs, mask=mask, other=0.0).to(tl.float32)
     f_base = feats_ptr + s * stride_fs
     df_base = dfeats_ptr + s * stride_fs
-    for k in range(K):
+    for k32 in range(K):
+        k = tl.cast(k32, tl.int64)
         w = tl.load(w_ptr + s * stride_ws + k * stride_wk).to(tl.float32)
         x = tl.load(f_base + k * stride_fk + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(df_base + k * stride_fk + offs, (w * grad).to(dfeats_ptr.dtype.element_ty), mask=mask)

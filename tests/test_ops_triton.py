@@ -170,6 +170,16 @@ def test_descriptor_noncontiguous_and_stride0_grad():
     _check_parity(ops.descriptor, [text, g, weight, bias], torch.float32, ["text", "g", "weight", "bias"], "sum")
 
 
+@pytest.mark.parametrize("groups", [(1, 3), (2, 2), (3, 1)])
+def test_descriptor_image_groups(monkeypatch, groups):
+    """Several images per program (the split the launcher picks at real sizes, forced here): same results."""
+    from cascade_clip.kernels import descriptor as desc_mod
+
+    monkeypatch.setattr(desc_mod, "_image_groups", lambda tiles, B: groups)
+    _check_parity(ops.descriptor, _descriptor_inputs(7, 33, 3, 2, 17, torch.float32), torch.float32,
+                  ["text", "g", "weight", "bias"])
+
+
 def test_descriptor_mixed_dtypes():
     """float32 parameters with a half-precision image embedding: computed in float32, returned in g's dtype."""
     C, d, B, S, e = 5, 24, 2, 2, 17
