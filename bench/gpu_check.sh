@@ -78,14 +78,14 @@ DRY=""
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { DRY="--dry-run"; log "no CUDA: benchmark in --dry-run mode"; }
 
 # 3. correctness first: the GPU parity tests at real shapes (bf16 dot paths included)
-step "pytest -m gpu" 170 "$OUT/pytest_gpu.log" $PY -m pytest -q -rfE -m gpu tests/test_ops_triton.py -p no:cacheprovider
+step "pytest -m gpu" 150 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE --durations=8 -m gpu tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 # 4. benchmark, eager official formulation vs Triton at every case (bf16 and B=8 first); rows appended as they come
 step "bench eager+triton" 90 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --budget-s 70 --rep-ms 50
 
 # 5. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
-step "pytest not gpu" 60 "$OUT/pytest_rest.log" $PY -m pytest -q -rfE -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
+step "pytest not gpu" 45 "$OUT/pytest_rest.log" $PY -m pytest -v -rfE -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_rest.log" | tee -a "$LOG"
 
 # 6. torch.compile of the official formulation, B=8 (one compile per shape), with whatever time is left

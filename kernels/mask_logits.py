@@ -35,14 +35,12 @@ _CAP_C, _CAP_N, _CAP_D = 64, 64, 64
 
 def _fwd_configs():
     configs = []
+    # few configs: each is a compile per (shape key, dtype, normalize); these cover C from 1 to 171
     for bc, bn, bd, warps, stages in (
         (64, 64, 64, 4, 3),  # first: the only config under the interpreter (and a safe default on sm80)
         (64, 128, 64, 8, 3),
-        (128, 64, 64, 8, 3),
         (32, 128, 64, 4, 3),
-        (32, 64, 64, 4, 3),
         (16, 128, 64, 4, 3),  # C = 15-20: one class block, more programs along N
-        (16, 64, 64, 4, 4),
     ):
         configs.append(triton.Config({"BLOCK_C": bc, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages))
     return autotune_configs(configs)

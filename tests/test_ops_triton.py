@@ -315,7 +315,7 @@ def test_descriptor_parity_real(C, B, dtype):
 @gpu
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("B,C,N", [(2, 171, 1024), (1, 20, 4096), (4, 15, 1024), (1, 1, 4099)])
+@pytest.mark.parametrize("B,C,N", [(2, 171, 1024), (1, 20, 4096), (1, 1, 4099)])
 def test_mask_logits_parity_real(B, C, N, dtype, normalize):
     S, d = 3, 512
     q, k = _randn(S, B, C, d, dtype=dtype), _randn(S, B, N, d, dtype=dtype)
