@@ -30,6 +30,15 @@
 #define CASCADE_CLIP_TORCH_VERSION "unknown"
 #endif
 
+// Hot loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the best clone is picked at load time
+// by the dynamic loader (GCC function multi-versioning), so one build is both fast and portable. Elsewhere the
+// attribute is empty and the loops get whatever the compiler flags allow.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CC_MULTIVERSION
+#endif
+
 namespace cascade_clip {
 namespace {
 
@@ -102,16 +111,127 @@ inline A inv_norm(A sumsq) {
 
 // out[j] = sum_k w[k] * taps[k * tap_stride + j] for j < len: one read of each tap, fp32 (opmath) accumulators in a
 // tile-sized buffer (L1) so that each tap's loop is a plain, vectorisable axpy.
-template <typename T, typename A>
-inline void nga_tile(const T* taps, int64_t tap_stride, const A* w, int64_t K, T* out, int64_t len, A* acc) {
-  const A w0 = w[0];
-  for (int64_t j = 0; j < len; ++j) acc[j] = w0 * static_cast<A>(taps[j]);
-  for (int64_t k = 1; k < K; ++k) {
-    const T* f = taps + k * tap_stride;
-    const A wk = w[k];
-    for (int64_t j = 0; j < len; ++j) acc[j] += wk * static_cast<A>(f[j]);
+// Tiles [begin, end) of the flattened (S, tiles) grid; feats (S, K, M), out (S, M), w (S, K) in opmath.
+// KK > 0 is the tap count known at compile time (Cascade-CLIP uses 3): every output vector then accumulates all its
+// taps in registers and each tap is one continuous stream, which the hardware prefetchers follow. KK == 0 is the
+// general K: accumulate tap by tap into an L1-resident tile buffer.
+template <int KK, typename T, typename A>
+CC_MULTIVERSION void nga_forward_range(const T* feats, const A* w, T* out, int64_t K, int64_t M, int64_t tiles,
+                                       int64_t begin, int64_t end) {
+  alignas(64) A acc[KK > 0 ? 1 : kTile];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t s = t / tiles;
+    const int64_t m0 = (t % tiles) * kTile;
+    const int64_t len = std::min(kTile, M - m0);
+    const T* taps = feats + s * K * M + m0;
+    const A* ws = w + s * K;
+    T* o = out + s * M + m0;
+    if constexpr (KK > 0) {
+      A wk[KK];
+      const T* f[KK];
+      for (int k = 0; k < KK; ++k) {
+        wk[k] = ws[k];
+        f[k] = taps + k * M;
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        A a = wk[0] * static_cast<A>(f[0][j]);
+        for (int k = 1; k < KK; ++k) a += wk[k] * static_cast<A>(f[k][j]);
+        o[j] = static_cast<T>(a);
+      }
+    } else {
+      const A w0 = ws[0];
+      for (int64_t j = 0; j < len; ++j) acc[j] = w0 * static_cast<A>(taps[j]);
+      for (int64_t k = 1; k < K; ++k) {
+        const T* f = taps + k * M;
+        const A wk = ws[k];
+        for (int64_t j = 0; j < len; ++j) acc[j] += wk * static_cast<A>(f[j]);
+      }
+      for (int64_t j = 0; j < len; ++j) o[j] = static_cast<T>(acc[j]);
+    }
   }
-  for (int64_t j = 0; j < len; ++j) out[j] = static_cast<T>(acc[j]);
+}
+
+// Backward tiles [begin, end): gf[s,k] = w[s,k] * grad[s] (if gf) and partials[t, k] = <grad[s], feats[s,k]> over
+// the tile (if partials). KK as in nga_forward_range: with a compile-time tap count one loop reads each grad vector
+// once and serves all taps; the dot products use kLanes split accumulators so they vectorise deterministically.
+template <int KK, typename T, typename A>
+CC_MULTIVERSION void nga_backward_range(const T* grad, const T* feats, const A* w, T* gf, A* partials, int64_t K,
+                                        int64_t M, int64_t tiles, int64_t begin, int64_t end) {
+  alignas(64) A gbuf[KK > 0 ? 1 : kTile];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t s = t / tiles;
+    const int64_t m0 = (t % tiles) * kTile;
+    const int64_t len = std::min(kTile, M - m0);
+    const T* g = grad + s * M + m0;
+    if constexpr (KK > 0) {
+      A wk[KK];
+      const T* f[KK];
+      T* o[KK];
+      alignas(64) A lanes[KK][kLanes] = {};
+      for (int k = 0; k < KK; ++k) {
+        const int64_t off = (s * K + k) * M + m0;
+        wk[k] = w[s * K + k];
+        f[k] = feats + off;
+        o[k] = gf != nullptr ? gf + off : nullptr;
+      }
+      // Loads, arithmetic and stores go through local kLanes-wide arrays so the compiler sees no possible aliasing
+      // between a store to grad_feats and the next loads, and turns each group into one vector instruction.
+      int64_t j = 0;
+      for (; j + kLanes <= len; j += kLanes) {
+        A gv[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) gv[l] = static_cast<A>(g[j + l]);
+        for (int k = 0; k < KK; ++k) {
+          if (partials != nullptr) {
+            A fv[kLanes];
+            for (int64_t l = 0; l < kLanes; ++l) fv[l] = static_cast<A>(f[k][j + l]);
+            for (int64_t l = 0; l < kLanes; ++l) lanes[k][l] += gv[l] * fv[l];
+          }
+          if (gf != nullptr) {
+            T ov[kLanes];
+            for (int64_t l = 0; l < kLanes; ++l) ov[l] = static_cast<T>(wk[k] * gv[l]);
+            for (int64_t l = 0; l < kLanes; ++l) o[k][j + l] = ov[l];
+          }
+        }
+      }
+      for (int64_t l = 0; j < len; ++j, ++l) {  // tail (< kLanes elements)
+        const A gv = static_cast<A>(g[j]);
+        for (int k = 0; k < KK; ++k) {
+          if (gf != nullptr) o[k][j] = static_cast<T>(wk[k] * gv);
+          lanes[k][l] += gv * static_cast<A>(f[k][j]);
+        }
+      }
+      if (partials != nullptr) {
+        for (int k = 0; k < KK; ++k) {
+          A total = 0;
+          for (int64_t l = 0; l < kLanes; ++l) total += lanes[k][l];
+          partials[t * K + k] = total;
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) gbuf[j] = static_cast<A>(g[j]);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t off = (s * K + k) * M + m0;
+        if (gf != nullptr) {
+          T* o = gf + off;
+          const A wk = w[s * K + k];
+          for (int64_t j = 0; j < len; ++j) o[j] = static_cast<T>(wk * gbuf[j]);
+        }
+        if (partials != nullptr) partials[t * K + k] = dot_lanes(gbuf, feats + off, len);
+      }
+    }
+  }
+}
+
+// Calls fn with the compile-time tap count (1..4) or 0 for any other K.
+template <typename Fn>
+void dispatch_taps(int64_t K, Fn&& fn) {
+  switch (K) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return fn(std::integral_constant<int, 0>{});
+  }
 }
 
 at::Tensor nga_cpu(const at::Tensor& feats_in, const at::Tensor& weights_in) {
@@ -133,14 +253,10 @@ at::Tensor nga_cpu(const at::Tensor& feats_in, const at::Tensor& weights_in) {
     const scalar_t* fp = feats.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t tiles = (M + kTile - 1) / kTile;
-    at::parallel_for(0, S * tiles, kTileGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(kTile);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t s = t / tiles;
-        const int64_t m0 = (t % tiles) * kTile;
-        const int64_t len = std::min(kTile, M - m0);
-        nga_tile(fp + s * K * M + m0, M, wp + s * K, K, op + s * M + m0, len, acc.data());
-      }
+    dispatch_taps(K, [&](auto kk) {
+      at::parallel_for(0, S * tiles, kTileGrain, [&](int64_t begin, int64_t end) {
+        nga_forward_range<decltype(kk)::value, scalar_t, acc_t>(fp, wp, op, K, M, tiles, begin, end);
+      });
     });
   });
   return out;
@@ -175,27 +291,13 @@ std::tuple<at::Tensor, at::Tensor> nga_backward_cpu(const at::Tensor& grad_in, c
     scalar_t* gfp = mask[0] ? grad_feats.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> partials(mask[1] ? S * tiles * K : 0);  // (S, tiles, K)
     acc_t* pp = partials.data();
-    const bool want_feats = mask[0], want_weights = mask[1];
-    at::parallel_for(0, S * tiles, kTileGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gbuf(kTile);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t s = t / tiles;
-        const int64_t m0 = (t % tiles) * kTile;
-        const int64_t len = std::min(kTile, M - m0);
-        const scalar_t* g = gp + s * M + m0;
-        for (int64_t j = 0; j < len; ++j) gbuf[j] = static_cast<acc_t>(g[j]);
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t off = (s * K + k) * M + m0;
-          if (want_feats) {
-            scalar_t* o = gfp + off;
-            const acc_t wk = wp[s * K + k];
-            for (int64_t j = 0; j < len; ++j) o[j] = static_cast<scalar_t>(wk * gbuf[j]);
-          }
-          if (want_weights) pp[t * K + k] = dot_lanes(gbuf.data(), fp + off, len);
-        }
-      }
+    dispatch_taps(K, [&](auto kk) {
+      at::parallel_for(0, S * tiles, kTileGrain, [&](int64_t begin, int64_t end) {
+        nga_backward_range<decltype(kk)::value, scalar_t, acc_t>(gp, fp, wp, gfp, mask[1] ? pp : nullptr, K, M, tiles,
+                                                                 begin, end);
+      });
     });
-    if (want_weights) {
+    if (mask[1]) {
       // Deterministic final reduction over tiles, in double: S*K sums of `tiles` partials (tiny).
       at::Tensor gw = at::empty({S, K}, at::kDouble);
       double* gwp = gw.mutable_data_ptr<double>();
@@ -342,6 +444,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> descriptor_backward_c
 // The stage sum is a cheap pass over S*B*C*N values; a single GEMM over the concatenated S*d axis would first need a
 // (B, N, S*d) copy of k, which costs more memory traffic than the GEMM saves.
 
+template <typename T, typename A>
+CC_MULTIVERSION void row_inv_norms_range(const T* x, A* rk, int64_t d, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) rk[r] = inv_norm(sumsq_lanes<A>(x + r * d, d));
+}
+
+template <typename T, typename O, typename A>
+CC_MULTIVERSION void normalize_backward_range(const A* gh, const T* x, O* out, int64_t d, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const A* grow = gh + r * d;
+    const T* xrow = x + r * d;
+    O* orow = out + r * d;
+    const A norm = std::sqrt(sumsq_lanes<A>(xrow, d));
+    if (norm > static_cast<A>(kNormEps)) {
+      const A inv = A(1) / norm;
+      const A coef = dot_lanes(grow, xrow, d) * inv * inv * inv;
+      for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<O>(inv * grow[j] - coef * static_cast<A>(xrow[j]));
+    } else {
+      const A inv = A(1) / static_cast<A>(kNormEps);
+      for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<O>(inv * grow[j]);
+    }
+  }
+}
+
 // rk[r] = 1/max(|x[r,:]|, eps) for the R rows of a contiguous (R, d) tensor, in the compute dtype.
 at::Tensor row_inv_norms(const at::Tensor& x, int64_t d, at::ScalarType ct) {
   const int64_t R = d == 0 ? 0 : x.numel() / d;
@@ -353,7 +478,7 @@ at::Tensor row_inv_norms(const at::Tensor& x, int64_t d, at::ScalarType ct) {
       const in_t* xp = x.const_data_ptr<in_t>();
       acc_t* rp = rk.mutable_data_ptr<acc_t>();
       at::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)), [&](int64_t b0, int64_t b1) {
-        for (int64_t r = b0; r < b1; ++r) rp[r] = inv_norm(sumsq_lanes<acc_t>(xp + r * d, d));
+        row_inv_norms_range<in_t, acc_t>(xp, rp, d, b0, b1);
       });
     });
   });
@@ -375,21 +500,7 @@ void normalize_backward_rows(const at::Tensor& gh, const at::Tensor& x, at::Tens
         const in_t* xp = x.const_data_ptr<in_t>();
         out_t* op = out.mutable_data_ptr<out_t>();
         at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t b0, int64_t b1) {
-          for (int64_t r = b0; r < b1; ++r) {
-            const acc_t* grow = gp + r * d;
-            const in_t* xrow = xp + r * d;
-            out_t* orow = op + r * d;
-            const acc_t norm = std::sqrt(sumsq_lanes<acc_t>(xrow, d));
-            if (norm > static_cast<acc_t>(kNormEps)) {
-              const acc_t inv = acc_t(1) / norm;
-              const acc_t coef = dot_lanes(grow, xrow, d) * inv * inv * inv;
-              for (int64_t j = 0; j < d; ++j)
-                orow[j] = static_cast<out_t>(inv * grow[j] - coef * static_cast<acc_t>(xrow[j]));
-            } else {
-              const acc_t inv = acc_t(1) / static_cast<acc_t>(kNormEps);
-              for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<out_t>(inv * grow[j]);
-            }
-          }
+          normalize_backward_range<in_t, out_t, acc_t>(gp, xp, op, d, b0, b1);
         });
       });
     });
