@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 __all__ = ["CascadeCLIP", "ModelConfig", "ops", "__version__"]
 
-_LAZY = {"CascadeCLIP": "cascade_clip.model", "ModelConfig": "cascade_clip.config"}
+_LAZY = {"CascadeCLIP": "cascade_clip.model", "ModelConfig": "cascade_clip.config", "Segmenter": "cascade_clip.segmenter"}
 
 
 def __getattr__(name):

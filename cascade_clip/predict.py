@@ -1,0 +1,217 @@
+"""``cascade-clip predict``: segment your own images into any class names.
+
+Examples::
+
+    # a Cascade-CLIP checkpoint (this project's or an official .pth), arbitrary class names
+    cascade-clip predict --checkpoint cascade_voc.pth --classes "cat,dog,sofa,floor,wall" photos/ --out seg/
+    # plain CLIP weights, no Cascade-CLIP checkpoint (MaskCLIP recipe)
+    cascade-clip predict --training-free --clip-weights openai --classes "cat,dog,sofa,floor,wall" photo.jpg --out seg/
+
+For each image ``NAME.ext`` it writes ``DIR/NAME.png`` (palette PNG of class indices, original size) and
+``DIR/NAME_overlay.png`` (image blended with the colour mask, legend of the classes present), and prints class areas.
+Unreadable files are reported and skipped; the exit status is 1 when any input was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from typing import List, Tuple
+
+from .embed_text import add_text_arguments
+
+SUMMARY_CLASSES = 6  # classes listed per image on the console (all of them go to --json)
+
+
+def _override(text: str) -> Tuple[str, object]:
+    """``FIELD=VALUE`` -> (field, Python literal or plain string)."""
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return field.strip(), parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cascade-clip predict", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    parser.add_argument("--classes", required=True, help="preset (voc, context, coco), a text file, or 'cat,dog,grass'")
+    parser.add_argument("--out", required=True, help="output folder")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="Cascade-CLIP checkpoint: this project's or an official .pth")
+    model.add_argument("--training-free", action="store_true", help="dense CLIP (MaskCLIP recipe) from --clip-weights")
+    parser.add_argument("--text-embeddings", help="precomputed (C, D) .npy, rows in --classes order (see embed-text)")
+    add_text_arguments(parser)
+
+    group = parser.add_argument_group("inference")
+    group.add_argument("--short-side", type=int, default=512, help="test-time resize of the short side (official 512; 0 = keep)")
+    group.add_argument("--crop-size", type=int, help="sliding-window crop (default: the checkpoint's, 512)")
+    group.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's, 426)")
+    group.add_argument("--seen", help="comma-separated class names to calibrate (default: those the checkpoint was trained on)")
+    group.add_argument("--no-calibration", action="store_true", help="no seen-class calibration")
+    group.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a model config field of the checkpoint (e.g. --set clip_model=ViT-B-16)")
+    group.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture for --training-free")
+    group.add_argument("--temperature", type=float, help="--training-free: cosine / temperature (default CLIP's 1/logit_scale)")
+    group.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    group.add_argument("--backend", help="ops backend: reference, triton, cpp (default: automatic)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
+    output.add_argument("--json", help="write per-image class areas and output paths to this JSON file")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar / lines")
+    return parser
+
+
+def image_extensions() -> set:
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def collect_inputs(inputs: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Files to segment (folders expanded to their image files, sorted, not recursive) and (path, reason) skipped."""
+    extensions = image_extensions()
+    files, skipped = [], []
+    for path in inputs:
+        if os.path.isdir(path):
+            entries = sorted(os.listdir(path))
+            found = [os.path.join(path, e) for e in entries
+                     if not e.startswith(".") and os.path.splitext(e)[1].lower() in extensions
+                     and os.path.isfile(os.path.join(path, e))]
+            if not found:
+                skipped.append((path, "folder holds no image files"))
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            skipped.append((path, "no such file or folder"))
+    return files, skipped
+
+
+def output_stems(files: List[str]) -> List[str]:
+    """Output name per input: its file stem, numbered when two inputs share one (a/x.jpg, b/x.png -> x, x_2)."""
+    used, stems = {}, []
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        used[stem] = used.get(stem, 0) + 1
+        stems.append(stem if used[stem] == 1 else f"{stem}_{used[stem]}")
+    return stems
+
+
+def build_segmenter(args: argparse.Namespace):
+    from .class_list import parse_classes
+    from .segmenter import Segmenter
+
+    classes = parse_classes(args.classes)
+    cache_dir = None if args.no_cache else args.cache_dir
+    if args.training_free:
+        return Segmenter.training_free(
+            args.clip_weights, classes, clip_model=args.clip_model, text_embeddings=args.text_embeddings,
+            templates=args.templates or "multi", temperature=args.temperature, short_side=args.short_side,
+            crop_size=args.crop_size or 512, stride=args.stride or 426, device=args.device, cache_dir=cache_dir,
+        )
+    overrides = dict(args.overrides)
+    if args.crop_size:
+        overrides["crop_size"] = args.crop_size
+    if args.stride:
+        overrides["stride"] = args.stride
+    seen = None if args.seen is None else [s for s in args.seen.split(",") if s.strip()]
+    return Segmenter.from_checkpoint(
+        args.checkpoint, classes, text_embeddings=args.text_embeddings, clip_weights=args.clip_weights,
+        templates=args.templates, seen=seen, calibration=not args.no_calibration, short_side=args.short_side,
+        device=args.device, cache_dir=cache_dir, **overrides,
+    )
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.backend:
+        from . import ops
+
+        ops.set_backend(args.backend)
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    files, skipped = collect_inputs(args.inputs)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not files:
+        parser.exit(2, f"{parser.prog}: error: no images to segment in {args.inputs}\n")
+    try:
+        segmenter = build_segmenter(args)
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"model: {segmenter.description}; device {segmenter.device}", file=sys.stderr)
+    failed = run_batch(segmenter, files, args, already_skipped=skipped)
+    if skipped or failed:
+        print(f"done: {len(files) - len(failed)} segmented, {len(skipped) + len(failed)} skipped", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_batch(segmenter, files: List[str], args: argparse.Namespace,
+              already_skipped: List[Tuple[str, str]] = ()) -> List[Tuple[str, str]]:
+    """Segment ``files`` and write their outputs; returns (path, reason) for the files that failed.
+
+    ``already_skipped`` (inputs that were never files) are only listed in the JSON report.
+    """
+    from .image_io import read_rgb
+    from .progress import Progress
+    from .visualize import class_palette, label_image, overlay_image
+
+    os.makedirs(args.out, exist_ok=True)
+    names = segmenter.class_names
+    palette = class_palette(names)
+    records, failed = [], []
+    progress = Progress(list(zip(files, output_stems(files))), total=len(files), desc="predict",
+                        enabled=not args.no_progress)
+    start = time.perf_counter()
+    for path, stem in progress:
+        try:
+            rgb = read_rgb(path)
+            result = segmenter.segment_rgb(rgb, return_scores=False)
+        except (ValueError, RuntimeError, OSError) as exc:  # one bad file must not stop the batch
+            progress.write(f"skipped {path}: {exc}")
+            failed.append((path, str(exc)))
+            continue
+        labels = result.labels.numpy()
+        counts = result.pixel_counts()
+        fractions = {i: c / labels.size for i, c in counts.items()}
+        label_path = os.path.join(args.out, f"{stem}.png")
+        overlay_path = os.path.join(args.out, f"{stem}_overlay.png")
+        label_image(labels, palette).save(label_path)
+        overlay_image(rgb, labels, names, palette, alpha=args.alpha, areas=fractions).save(overlay_path)
+        ordered = sorted(counts, key=lambda i: -counts[i])
+        shown = ", ".join(f"{names[i]} {100 * fractions[i]:.1f}%" for i in ordered[:SUMMARY_CLASSES])
+        more = f", +{len(ordered) - SUMMARY_CLASSES} more" if len(ordered) > SUMMARY_CLASSES else ""
+        progress.write(f"{path} ({labels.shape[1]}x{labels.shape[0]}): {shown}{more}")
+        records.append({
+            "image": path, "labels": label_path, "overlay": overlay_path,
+            "width": int(labels.shape[1]), "height": int(labels.shape[0]),
+            "areas": {names[i]: fractions[i] for i in ordered},
+            "pixels": {names[i]: int(counts[i]) for i in ordered},
+        })
+    elapsed = time.perf_counter() - start
+    print(f"{len(records)} image(s) in {elapsed:.1f} s -> {args.out}", file=sys.stderr)
+    if args.json:
+        payload = {"model": segmenter.description, "classes": list(names), "images": records,
+                   "skipped": [{"image": p, "error": e} for p, e in [*already_skipped, *failed]]}
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+    return failed
+
+
+if __name__ == "__main__":
+    main()
