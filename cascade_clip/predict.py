@@ -181,7 +181,8 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
             rgb = read_rgb(path)
             result = segmenter.segment_rgb(rgb, return_scores=False)
         except (ValueError, RuntimeError, OSError) as exc:  # one bad file must not stop the batch
-            progress.write(f"skipped {path}: {exc}")
+            message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
+            progress.write(f"skipped {message}")
             failed.append((path, str(exc)))
             continue
         labels = result.labels.numpy()

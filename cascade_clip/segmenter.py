@@ -184,6 +184,13 @@ class Segmenter:
         from .checkpoint import load_model
         from .text_weights import embeddings_for, embeddings_from_file, pick_text_weights
 
+        import dataclasses
+
+        from .config import ModelConfig
+
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+        if unknown:  # load_model's from_dict would drop them silently
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}")
         class_list = classes if isinstance(classes, ClassList) else parse_classes(classes)
         device = torch.device(device) if device is not None else _default_device()
         try:

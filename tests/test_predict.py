@@ -1,0 +1,181 @@
+"""``cascade-clip predict`` on images written here: output sizes, indices, overlays, JSON, bad input, official checkpoints.
+
+A tiny random model (``cascade-tiny``, 64 px crops) keeps this fast; its masks are noise, which is fine: the tests
+check the pipeline (sizes, ranges, files, calibration, errors), not segmentation quality.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascade_clip import CascadeCLIP, ModelConfig, predict
+from cascade_clip.checkpoint import save_model_checkpoint
+from cascade_clip.clip_arch import create_clip
+from cascade_clip.visualize import class_palette, generated_palette, label_image
+
+TINY = dict(clip_model="cascade-tiny", img_size=64, crop_size=64, stride=48, num_prompt_tokens=4, decoder_heads=4,
+            decoder_ffn_dim=256)
+CLASSES = "cat,dog,grass,sky"
+
+# name -> (PIL mode, width, height): RGB, grayscale, RGBA, non-square, tiny, larger than the crop
+IMAGES = {"rgb": ("RGB", 80, 64), "gray": ("L", 40, 30), "rgba": ("RGBA", 70, 50), "wide": ("RGB", 150, 33),
+          "tiny": ("RGB", 5, 7), "large": ("RGB", 200, 150)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(3)
+    clip_path = root / "tiny_clip.pt"
+    torch.save(create_clip("cascade-tiny").state_dict(), clip_path)
+    model = CascadeCLIP(ModelConfig.preset("voc", clip_pretrained=str(clip_path), **TINY))
+    ckpt = root / "tiny.pt"
+    save_model_checkpoint(str(ckpt), model)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (mode, width, height) in IMAGES.items():
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze(-1 if channels == 1 else None)
+        Image.fromarray(array, mode=mode).save(images / f"{name}.png")
+    return root, str(ckpt), str(clip_path), images
+
+
+def run_predict(setup, *args, short_side="80"):
+    root, ckpt, _, _ = setup
+    predict.main(["--checkpoint", ckpt, "--classes", CLASSES, "--short-side", short_side, "--cache-dir",
+                  str(root / "cache"), "--no-progress", *args])
+
+
+def check_outputs(out, names, num_classes):
+    for name in names:
+        _, width, height = IMAGES[name]
+        labels = Image.open(out / f"{name}.png")
+        assert labels.mode == "P" and labels.size == (width, height)
+        indices = np.asarray(labels)
+        assert indices.min() >= 0 and indices.max() < num_classes
+        overlay = Image.open(out / f"{name}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.width > width and overlay.height >= height
+
+
+def test_predict_writes_label_pngs_overlays_and_json(setup, tmp_path, capsys):
+    _, _, _, images = setup
+    out = tmp_path / "out"
+    run_predict(setup, str(images), "--out", str(out), "--json", str(tmp_path / "areas.json"))
+    check_outputs(out, IMAGES, 4)
+    report = json.loads((tmp_path / "areas.json").read_text())
+    assert report["classes"] == CLASSES.split(",") and report["skipped"] == []
+    assert len(report["images"]) == len(IMAGES)
+    for record in report["images"]:
+        assert sum(record["areas"].values()) == pytest.approx(1.0)
+        assert sum(record["pixels"].values()) == record["width"] * record["height"]
+        labels = np.asarray(Image.open(record["labels"]))
+        for name, count in record["pixels"].items():  # the printed areas are those of the written PNG
+            assert (labels == CLASSES.split(",").index(name)).sum() == count
+    assert "rgb.png (80x64)" in capsys.readouterr().out
+
+
+def test_original_scale_with_several_windows(setup, tmp_path):
+    _, _, _, images = setup
+    out = tmp_path / "out"
+    run_predict(setup, str(images / "large.png"), str(images / "wide.png"), "--out", str(out), short_side="0")
+    check_outputs(out, ["large", "wide"], 4)
+
+
+def test_unreadable_files_are_reported_and_skipped(setup, tmp_path, capsys):
+    _, _, _, images = setup
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "broken.png").write_text("not an image")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    Image.open(images / "rgb.png").save(folder / "good.jpg")
+    with pytest.raises(SystemExit) as exit_info:
+        run_predict(setup, str(folder), str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "out"))
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.out and "missing.jpg" in captured.err
+    assert (tmp_path / "out" / "good.png").is_file() and not (tmp_path / "out" / "broken.png").exists()
+
+
+def test_official_checkpoint_with_text_encoder(setup, tmp_path):
+    root, _, clip_path, images = setup
+    # An official-layout file: 10 prompt tokens (recognised as the VOC preset), text_encoder.* inside, no config.
+    torch.manual_seed(4)
+    overrides = {**TINY, "num_prompt_tokens": 10}
+    model = CascadeCLIP(ModelConfig.preset("voc", **overrides))
+    text_state = {"text_encoder." + k: v for k, v in torch.load(clip_path).items() if not k.startswith("visual.")}
+    official = root / "official.pth"
+    torch.save({"meta": {}, "state_dict": {**model.official_state_dict(), **text_state}}, official)
+    ours = root / "ours_same_weights.pt"
+    save_model_checkpoint(str(ours), model)
+
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    common = ["--classes", CLASSES, "--short-side", "80", "--no-cache", "--no-progress", str(images / "rgb.png")]
+    predict.main(["--checkpoint", str(official), *sets, *common, "--out", str(tmp_path / "official")])
+    predict.main(["--checkpoint", str(ours), "--clip-weights", clip_path, *common, "--out", str(tmp_path / "ours")])
+    check_outputs(tmp_path / "official", ["rgb"], 4)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "official" / "rgb.png")),
+                                  np.asarray(Image.open(tmp_path / "ours" / "rgb.png")))
+
+
+def test_calibration_follows_the_checkpoint_seen_classes(setup):
+    from cascade_clip import Segmenter
+
+    _, ckpt, _, images = setup
+    kwargs = dict(short_side=64, cache_dir=None)
+    auto = Segmenter.from_checkpoint(ckpt, "cat,dog,sofa", **kwargs)  # VOC: cat, dog seen; sofa unseen
+    assert auto.seen == (0, 1)
+    assert Segmenter.from_checkpoint(ckpt, "cat,dog,sofa", seen=["sofa"], **kwargs).seen == (2,)
+    plain = Segmenter.from_checkpoint(ckpt, "cat,dog,sofa", calibration=False, **kwargs)
+    assert plain.seen == ()
+    image = Image.open(images / "rgb.png")
+    difference = plain(image).scores - auto(image).scores
+    torch.testing.assert_close(difference[:2], torch.full_like(difference[:2], 0.1))
+    torch.testing.assert_close(difference[2], torch.zeros_like(difference[2]))
+    with pytest.raises(ValueError, match="not in the class list"):
+        Segmenter.from_checkpoint(ckpt, "cat,dog", seen=["sheep"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--classes", "cat,cat"], "duplicate class names"),
+     (["--classes", CLASSES, "--set", "decoder_ffn_dim=128"], "does not match the model configuration"),
+     (["--classes", CLASSES, "--set", "no_such_field=1"], "no_such_field")],
+)
+def test_setup_errors_are_clear(setup, tmp_path, capsys, args, message):
+    root, ckpt, _, images = setup
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint", ckpt, *args, "--no-cache", "--no-progress", str(images / "rgb.png"),
+                      "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "configuration" in message:
+        assert ckpt in err  # names the file
+
+
+def test_text_embeddings_file_rows_must_match_classes(setup, tmp_path, capsys):
+    _, _, _, images = setup
+    npy = tmp_path / "three.npy"
+    np.save(npy, np.eye(3, 64, dtype=np.float32))
+    with pytest.raises(SystemExit):
+        run_predict(setup, "--text-embeddings", str(npy), str(images / "rgb.png"), "--out", str(tmp_path))
+    assert "3 text embeddings for 4 class names" in capsys.readouterr().err
+    np.save(npy, np.eye(4, 64, dtype=np.float32))
+    run_predict(setup, "--text-embeddings", str(npy), str(images / "tiny.png"), "--out", str(tmp_path / "out"))
+    check_outputs(tmp_path / "out", ["tiny"], 4)
+
+
+def test_palettes_and_wide_class_lists():
+    from cascade_clip.catalog import dataset_info
+
+    voc = dataset_info("voc")
+    assert class_palette(["cat", "dog"]) == [voc.palette[7], voc.palette[11]]  # dataset colours when they exist
+    generated = class_palette(["cat", "zebra crossing"])
+    assert len(set(generated)) == 2
+    assert len(set(generated_palette(60))) == 60
+    wide = label_image(np.full((3, 4), 300), generated_palette(400))  # > 256 classes: 16-bit indices
+    assert np.asarray(wide).max() == 300
