@@ -167,7 +167,7 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
     """
     from .image_io import read_rgb
     from .progress import Progress
-    from .visualize import class_palette, label_image, overlay_image
+    from .visualize import class_palette, format_fraction, label_image, overlay_image
 
     os.makedirs(args.out, exist_ok=True)
     names = segmenter.class_names
@@ -193,7 +193,7 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
         label_image(labels, palette).save(label_path)
         overlay_image(rgb, labels, names, palette, alpha=args.alpha, areas=fractions).save(overlay_path)
         ordered = sorted(counts, key=lambda i: -counts[i])
-        shown = ", ".join(f"{names[i]} {100 * fractions[i]:.1f}%" for i in ordered[:SUMMARY_CLASSES])
+        shown = ", ".join(f"{names[i]} {format_fraction(fractions[i])}" for i in ordered[:SUMMARY_CLASSES])
         more = f", +{len(ordered) - SUMMARY_CLASSES} more" if len(ordered) > SUMMARY_CLASSES else ""
         progress.write(f"{path} ({labels.shape[1]}x{labels.shape[0]}): {shown}{more}")
         records.append({

@@ -56,6 +56,11 @@ def label_image(labels: np.ndarray, palette: Sequence[Color]) -> Image.Image:
     return Image.fromarray(labels.astype(np.uint16))
 
 
+def format_fraction(fraction: float) -> str:
+    """A share of the image as a percentage; tiny non-zero shares read "<0.1%" rather than a misleading "0.0%"."""
+    return "<0.1%" if 0 < fraction < 0.0005 else f"{100 * fraction:.1f}%"
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)  # scalable font (Pillow >= 10.1 with FreeType)
@@ -92,7 +97,7 @@ def overlay_image(
     row = font_size + 6
     swatch = font_size
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = [f"{names[i]}  {100 * areas[i]:.1f}%" for i in present]
+    lines = [f"{names[i]}  {format_fraction(areas[i])}" for i in present]
     text_width = max((measure.textlength(line, font=font) for line in lines), default=0)
     panel_width = int(swatch + 18 + text_width + 8)
     panel_height = 8 + row * len(lines)
