@@ -1,8 +1,9 @@
 """Class lists given on the command line: a dataset preset, a text file, or comma-separated names.
 
-``"voc"``, ``"context"``, ``"coco"`` name the shipped class lists; an existing file gives one class per line (blank lines
-and lines starting with ``#`` are skipped); anything else is split on commas (``"cat,dog,grass"``). Names are stripped
-and checked by :func:`cascade_clip.text.check_class_names` (no empty list, no empty or duplicate names).
+``"voc"``, ``"context"``, ``"coco"`` name the shipped class lists; an existing file gives one class per line
+(blank lines and lines starting with ``#`` are skipped); anything else is split on commas
+(``"cat,dog,grass"``).
+Names are stripped and checked by :func:`cascade_clip.text.check_class_names` (no empty list, no empty or duplicate names).
 """
 
 from __future__ import annotations

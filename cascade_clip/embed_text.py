@@ -35,7 +35,7 @@ def template_arg(value: str):
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with ``predict``: where the text weights come from, templates, cache."""
     group = parser.add_argument_group("text embeddings")
-    group.add_argument("--clip-weights", help="CLIP weights for the text tower: open_clip tag (e.g. openai) or a local file")
+    group.add_argument("--clip-weights", help="text tower weights: open_clip tag (e.g. openai) or a local CLIP file")
     group.add_argument(
         "--templates", type=template_arg, default=None,
         help="single ('a photo of a {}'), multi (the 15 official templates) or a file of templates; "
@@ -46,11 +46,13 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cascade-clip embed-text", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        prog="cascade-clip embed-text", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
     parser.add_argument("--classes", required=True, help="preset (voc, context, coco), a text file, or 'cat,dog,grass'")
     parser.add_argument("--out", required=True, help="output .npy file")
-    parser.add_argument("--clip-model", default=None, help="open_clip architecture (default ViT-B-16, or the checkpoint's)")
+    parser.add_argument("--clip-model", default=None, help="open_clip architecture (default: checkpoint's or ViT-B-16)")
     parser.add_argument("--checkpoint", help="Cascade-CLIP checkpoint: official (its text_encoder.*) or this project's")
     parser.add_argument("--device", default="cpu")
     add_text_arguments(parser)

@@ -54,15 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_arguments(parser)
 
     group = parser.add_argument_group("inference")
-    group.add_argument("--short-side", type=int, default=512, help="test-time resize of the short side (official 512; 0 = keep)")
+    group.add_argument("--short-side", type=int, default=512, help="test-time short side (official 512; 0 = keep)")
     group.add_argument("--crop-size", type=int, help="sliding-window crop (default: the checkpoint's, 512)")
     group.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's, 426)")
-    group.add_argument("--seen", help="comma-separated class names to calibrate (default: those the checkpoint was trained on)")
+    group.add_argument("--seen", help="comma-separated class names to calibrate (default: the checkpoint's seen ones)")
     group.add_argument("--no-calibration", action="store_true", help="no seen-class calibration")
     group.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="FIELD=VALUE",
                        help="override a model config field of the checkpoint (e.g. --set clip_model=ViT-B-16)")
     group.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture for --training-free")
-    group.add_argument("--temperature", type=float, help="--training-free: cosine / temperature (default CLIP's 1/logit_scale)")
+    group.add_argument("--temperature", type=float, help="training-free: cosine / T (default CLIP's 1/logit_scale)")
     group.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     group.add_argument("--backend", help="ops backend: reference, triton, cpp (default: automatic)")
 
@@ -141,6 +141,8 @@ def main(argv=None) -> None:
         from . import ops
 
         ops.set_backend(args.backend)
+    if args.short_side < 0:
+        parser.error(f"--short-side must be >= 0 (0 keeps the original size), got {args.short_side}")
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     files, skipped = collect_inputs(args.inputs)

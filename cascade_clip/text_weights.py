@@ -82,5 +82,7 @@ def embeddings_from_file(path: str, names: Sequence[str], dim: Optional[int] = N
     """A precomputed (C, D) ``.npy`` whose row count must equal the number of class names."""
     embeddings = load_embeddings(path, dim=dim)
     if embeddings.shape[0] != len(names):
-        raise ValueError(f"{path}: {embeddings.shape[0]} text embeddings for {len(names)} class names {list(names)[:8]}")
+        raise ValueError(
+            f"{path}: {embeddings.shape[0]} text embeddings for {len(names)} class names {list(names)[:8]}"
+        )
     return embeddings

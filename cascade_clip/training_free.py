@@ -85,7 +85,7 @@ class DenseCLIP(nn.Module):
         return layer_scale(out) if layer_scale is not None else out
 
     def features(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """images (B, 3, H, W), sides multiples of the patch -> patch embeddings (B, h*w, D) (not normalised), (h, w)."""
+        """images (B, 3, H, W), sides multiples of the patch -> unnormalised patch embeddings (B, h*w, D), (h, w)."""
         x, grid = self._tokens(images)
         x = self._blocks(x, self.visual.transformer.resblocks[:-1])
         dense = self.visual.ln_post(self._value_path(x[:, 1:])) @ self.visual.proj
