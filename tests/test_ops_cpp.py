@@ -108,6 +108,7 @@ NGA_SHAPES = [  # (S, K, B, N, D): K=3 is the model's, K=5 the generic path; M =
     (3, 5, 1, 13, 33),
     (2, 2, 3, 11, 97),
     (1, 4, 2, 31, 64),
+    (2, 3, 1, 48, 80),  # M % 16 == 0: the AVX-512 streaming backward, where the CPU has it
 ]
 
 
