@@ -193,16 +193,20 @@ class Segmenter:
             raise ValueError(f"unknown ModelConfig field(s) {unknown}")
         class_list = classes if isinstance(classes, ClassList) else parse_classes(classes)
         device = torch.device(device) if device is not None else _default_device()
+        # The checkpoint holds every image-tower weight, so the model is built without its CLIP weights: a tag would
+        # be fetched and a file (possibly on another machine) read only to be overwritten.
+        overrides.setdefault("clip_pretrained", None)
         try:
             model, raw = load_model(path, config=config, map_location=str(device), **overrides)
         except ValueError as exc:
             raise ValueError(str(exc) if path in str(exc) else f"{path}: {exc}") from exc
         cfg = model.cfg
+        stored_cfg = ModelConfig.from_dict(raw["model_config"]) if "model_config" in raw else cfg
         if text_embeddings:
             text = embeddings_from_file(text_embeddings, class_list.names, dim=model.embed_dim)
         else:
             source = pick_text_weights(clip_model=cfg.clip_model, clip_weights=clip_weights, checkpoint_path=path,
-                                 checkpoint_raw=raw, checkpoint_config=cfg)
+                                       checkpoint_raw=raw, checkpoint_config=config or stored_cfg)
             text = embeddings_for(class_list.names, source, templates=templates or official_templates(cfg.dataset),
                                   cache_dir=cache_dir, device=device)
         if text.shape[1] != model.embed_dim:

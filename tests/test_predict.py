@@ -130,6 +130,20 @@ def test_official_checkpoint_with_text_encoder(setup, tmp_path):
                                   np.asarray(Image.open(tmp_path / "ours" / "rgb.png")))
 
 
+def test_checkpoint_does_not_need_its_clip_weights_file(setup, tmp_path):
+    _, _, _, images = setup
+    torch.manual_seed(5)
+    model = CascadeCLIP(ModelConfig.preset("voc", **TINY))
+    model.cfg.clip_pretrained = str(tmp_path / "gone" / "clip.pt")  # trained elsewhere: the file is not here
+    ckpt = tmp_path / "moved.pt"
+    save_model_checkpoint(str(ckpt), model)
+    npy = tmp_path / "text.npy"
+    np.save(npy, np.eye(4, 64, dtype=np.float32))
+    predict.main(["--checkpoint", str(ckpt), "--classes", CLASSES, "--text-embeddings", str(npy), "--short-side", "64",
+                  "--no-progress", str(images / "rgb.png"), "--out", str(tmp_path / "out")])
+    check_outputs(tmp_path / "out", ["rgb"], 4)
+
+
 def test_calibration_follows_the_checkpoint_seen_classes(setup):
     from cascade_clip import Segmenter
 
