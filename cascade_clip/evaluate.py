@@ -1,0 +1,228 @@
+"""``cascade-clip eval``: zero-shot segmentation metrics of a checkpoint on a dataset split.
+
+Official test protocol (MODEL_SPEC.md section 4): each image's short side is resized to 512 (aspect kept), calibrated
+sigmoid scores are averaged over 512x512 windows with stride 426, resized to the original image size, and the argmax
+is compared with the original-resolution labels. The confusion matrix is accumulated on the device and summed across
+ranks (``torchrun``: each rank takes every world_size-th image, no padding, so no image counts twice).
+
+Classes: evaluating on the dataset the model was trained for uses the model's class list and seen split. Any other
+dataset (cross-dataset, e.g. a COCO model on VOC or Context) uses that dataset's catalog classes, all treated as seen
+(the official coco2voc / coco2context configs), so mIoU_unseen and hIoU are undefined (null).
+
+Examples::
+
+    cascade-clip eval --checkpoint work_dirs/voc/latest.pt --data-root data
+    cascade-clip eval --checkpoint work_dirs/coco/latest.pt --dataset voc --data-root data --text-embeddings voc.npy
+    torchrun --nproc_per_node 4 -m cascade_clip.cli eval --checkpoint ... --out metrics.json --save-preds preds/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import distributed
+from .catalog import DATASET_NAMES, dataset_info
+from .datasets import build_dataset
+from .metrics import SegMetrics, compute_metrics, update_confusion
+from .transforms import eval_resize
+
+
+def _collate_one(samples):
+    return samples
+
+
+def write_palette_png(path: str, pred: np.ndarray, palette: Sequence[Sequence[int]]) -> None:
+    """Class-index map (H, W) -> palette PNG (index i drawn with palette[i]), written atomically."""
+    image = Image.fromarray(pred.astype(np.uint8), mode="P")
+    flat = [c for rgb in palette for c in rgb][: 256 * 3]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def default_palette(num_classes: int, dataset: Optional[str] = None) -> list:
+    if dataset in DATASET_NAMES:
+        palette = [list(c) for c in dataset_info(dataset).palette]
+        if len(palette) >= num_classes:
+            return palette[:num_classes]
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(num_classes, 3)).tolist()
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    text: torch.Tensor,
+    *,
+    dataset: str,
+    root: str,
+    split: str,
+    class_names: Sequence[str],
+    seen: Sequence[int],
+    calibrate: Sequence[int],
+    short_side: int = 512,
+    device: Optional[torch.device] = None,
+    save_preds: Optional[str] = None,
+    palette: Optional[Sequence[Sequence[int]]] = None,
+    num_workers: int = 2,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    dist_info: Optional[distributed.DistInfo] = None,
+) -> SegMetrics:
+    """Metrics of ``model`` (unwrapped CascadeCLIP) with ``text`` (C, D) on ``dataset``/``split`` at ``root``.
+
+    ``seen`` decides the seen/unseen means; ``calibrate`` the text rows whose scores get the seen calibration.
+    """
+    rank = dist_info.rank if dist_info else 0
+    world = dist_info.world_size if dist_info else 1
+    device = device or next(model.parameters()).device
+    num_classes = len(class_names)
+    if text.shape[0] != num_classes:
+        raise ValueError(f"{text.shape[0]} text embeddings for {num_classes} classes of {dataset}")
+    data = build_dataset(dataset, root, split, num_classes=num_classes)
+    shard = torch.utils.data.Subset(data, list(range(rank, len(data), world)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=num_workers, collate_fn=_collate_one)
+    was_training = model.training
+    model.eval()
+    text = text.to(device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    if save_preds:
+        os.makedirs(save_preds, exist_ok=True)
+        palette = palette or default_palette(num_classes, dataset)
+    bar = None
+    if progress and rank == 0:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(shard), desc="eval", unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
+        except ImportError:
+            bar = None
+    start = time.perf_counter()
+    for (sample,) in loader:
+        image = sample["image"].to(device).unsqueeze(0)
+        label = sample["label"].to(device)
+        inputs = eval_resize(image, short_side)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            scores = model.segment(inputs, text, seen=list(calibrate))
+        from .inference import scores_at_original_size
+
+        pred = scores_at_original_size(scores.float(), label.shape[-2:]).argmax(dim=1)[0]
+        update_confusion(cm, pred, label)
+        if save_preds:
+            write_palette_png(os.path.join(save_preds, sample["name"] + ".png"), pred.cpu().numpy(), palette)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    distributed.all_reduce_sum(cm)
+    if was_training:
+        model.train()
+    metrics = compute_metrics(cm, class_names, seen)
+    metrics.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+    metrics.confusion = cm.cpu()  # type: ignore[attr-defined]
+    return metrics
+
+
+def eval_classes(model_cfg, dataset: str):
+    """(class names, seen for the means, rows to calibrate) for evaluating a model of ``model_cfg`` on ``dataset``."""
+    if dataset == model_cfg.dataset:
+        return list(model_cfg.class_names), list(model_cfg.seen), list(model_cfg.seen)
+    names = list(dataset_info(dataset).classes)
+    everything = list(range(len(names)))
+    # Cross-dataset (official coco2voc / coco2context): every class is "seen"; calibrating all rows alike does not
+    # change the argmax, so none is calibrated.
+    return names, everything, []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cascade-clip eval", description="Evaluate a checkpoint: mIoU, seen/unseen mIoU, hIoU, aAcc.")
+    p.add_argument("--checkpoint", required=True, help="ours (latest.pt, iter_N.pt) or an official .pth")
+    p.add_argument("--dataset", choices=DATASET_NAMES, help="layout and classes (default: the model's dataset)")
+    p.add_argument("--data-root", default="data", help="folder holding the dataset (or its layout root)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--text-embeddings", help="(C, D) .npy of the evaluated classes (default: stored in the checkpoint or CLIP's text tower)")
+    p.add_argument("--templates", choices=("single", "multi"), help="prompt templates (default: VOC single, others multi)")
+    p.add_argument("--short-side", type=int, default=512, help="test scale (official 512)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override a model config field, e.g. model.stride=256 (repeatable)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "triton", "cpp", "reference"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype on GPU")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--save-preds", metavar="DIR", help="write each prediction as a palette PNG of class indices")
+    return p
+
+
+def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, dataset) -> torch.Tensor:
+    from .text_source import load_text
+
+    stored = raw_checkpoint.get("text_embeddings")
+    if not path and stored is not None and list(raw_checkpoint.get("class_names", [])) == list(class_names):
+        return torch.as_tensor(stored).float()
+    return load_text(
+        class_names,
+        embed_dim=model.embed_dim,
+        clip_model=model.cfg.clip_model,
+        clip_pretrained=model.cfg.clip_pretrained,
+        templates=templates or ("single" if dataset == "voc" else "multi"),
+        path=path,
+    )
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    from . import ops
+    from .checkpoint import load_model
+    from .train_config import _hints, _parse
+    from .config import ModelConfig
+
+    ops.set_backend(args.kernels)
+    info = distributed.setup()
+    try:
+        overrides = {}
+        hints = _hints(ModelConfig)
+        for assignment in args.overrides:
+            key, _, value = assignment.partition("=")
+            name = key.strip().removeprefix("model.")
+            if name not in hints:
+                raise ValueError(f"unknown model config key {key!r}")
+            overrides[name] = _parse(value, hints[name], key)
+        model, raw = load_model(args.checkpoint, map_location=str(info.device), **overrides)
+        dataset = args.dataset or model.cfg.dataset
+        if dataset not in DATASET_NAMES:
+            raise ValueError(f"the model's dataset {dataset!r} has no layout; pass --dataset")
+        class_names, seen, calibrate = eval_classes(model.cfg, dataset)
+        text = resolve_text(model, raw, class_names, path=args.text_embeddings, templates=args.templates, dataset=dataset)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if info.device.type == "cuda" else None
+        metrics = evaluate_model(
+            model, text, dataset=dataset, root=args.data_root, split=args.split, class_names=class_names, seen=seen,
+            calibrate=calibrate, short_side=args.short_side, device=info.device, save_preds=args.save_preds,
+            num_workers=args.num_workers, autocast_dtype=dtype, dist_info=info,
+        )
+        result = metrics.to_dict()
+        if info.is_main:
+            print(metrics.table(seen))
+            if args.out:
+                directory = os.path.dirname(os.path.abspath(args.out))
+                os.makedirs(directory, exist_ok=True)
+                tmp = args.out + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(result, f, indent=2)
+                os.replace(tmp, args.out)
+        return result
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Zero-shot label handling of the official training glue (MODEL_SPEC.md sections 6.1-6.3).
+
+Inductive: unseen-class pixels become ignore (255) and seen labels are re-indexed to their position in the seen list
+(identity for VOC, a real remap for Context and COCO, whose seen sets are not contiguous); only the seen text rows are
+used. Transductive (self-training): all text rows, seen labels kept as they are, and every unseen-class pixel gets a
+pseudo-label, the argmax of the sigmoid scores over the unseen channels (no confidence threshold).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = 255
+_UNLABELLED = -1  # table entry for labels the model must not see as such (official: -1)
+
+
+def _check_seen(seen: Sequence[int], num_classes: int) -> list:
+    seen = [int(i) for i in seen]
+    if not seen:
+        raise ValueError("the seen class list is empty")
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"duplicate seen class indices: {seen}")
+    if min(seen) < 0 or max(seen) >= num_classes:
+        raise ValueError(f"seen indices {seen} out of range for {num_classes} classes")
+    return seen
+
+
+def inductive_table(seen: Sequence[int], num_classes: int) -> torch.Tensor:
+    """256-entry lookup: seen class ``seen[i]`` -> i, 255 -> 255, every other value -> 255 (official ``_visiable_mask``,
+    whose -1 entries the head turns into 255)."""
+    seen = _check_seen(seen, num_classes)
+    table = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
+    table[torch.tensor(seen)] = torch.arange(len(seen))
+    return table
+
+
+def transductive_table(seen: Sequence[int], num_classes: int) -> torch.Tensor:
+    """256-entry lookup: seen n -> n, 255 -> 255, unseen (and every other value) -> -1, i.e. "needs a pseudo-label".
+
+    The official table also maps 200 -> 200, a pad value no config uses (MODEL_SPEC.md section 7, item 12); a 200
+    here would be out of range for the loss anyway, so it is treated like any other non-class value.
+    """
+    seen = _check_seen(seen, num_classes)
+    table = torch.full((256,), _UNLABELLED, dtype=torch.long)
+    table[torch.tensor(seen)] = torch.tensor(seen)
+    table[IGNORE_INDEX] = IGNORE_INDEX
+    return table
+
+
+def apply_table(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """labels (any shape, values 0..255) -> table[labels] as int64."""
+    labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise ValueError(f"labels must be in 0..255, got range [{int(labels.min())}, {int(labels.max())}]")
+    return table.to(labels.device)[labels]
+
+
+def inductive_labels(labels: torch.Tensor, seen: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Dataset labels (0..K-1, 255) -> training labels over the seen classes only (0..len(seen)-1, 255)."""
+    return apply_table(labels, inductive_table(seen, num_classes))
+
+
+@torch.no_grad()
+def transductive_labels(
+    labels: torch.Tensor, mask_logits: torch.Tensor, seen: Sequence[int]
+) -> torch.Tensor:
+    """Dataset labels (B, H, W) and the model's logits over all C classes (B, C, H, W) -> labels with pseudo-labels.
+
+    Seen labels and 255 are kept; each unseen-class pixel gets argmax over the unseen channels of sigmoid(logits)
+    (seen channels are set to -1 first, as officially, so they never win).
+    """
+    num_classes = mask_logits.shape[1]
+    if mask_logits.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(
+            f"mask logits {tuple(mask_logits.shape)} and labels {tuple(labels.shape)} must share H and W"
+        )
+    table = transductive_table(seen, num_classes)
+    mapped = apply_table(labels, table)
+    scores = torch.sigmoid(mask_logits.detach().float())
+    scores[:, torch.tensor([int(i) for i in seen], device=scores.device)] = -1.0
+    pseudo = scores.argmax(dim=1)
+    return torch.where(mapped == _UNLABELLED, pseudo, mapped)
+
+
+def training_text(text: torch.Tensor, seen: Sequence[int], transductive: bool) -> torch.Tensor:
+    """Text rows the model trains against: the seen rows (inductive) or all rows (transductive)."""
+    if transductive:
+        return text
+    return text[torch.tensor([int(i) for i in seen], device=text.device)]
