@@ -363,6 +363,22 @@ def test_load_failure_raises_import_error_and_warns_once(monkeypatch):
             _cpp_backend.load_backend()
 
 
+def test_build_for_another_torch_is_reported(monkeypatch):
+    import types
+
+    import cascade_clip
+
+    stale = types.ModuleType("cascade_clip._C")
+    stale.TORCH_VERSION = "2.0.0+cpu"
+    monkeypatch.setattr(cascade_clip, "_C", stale, raising=False)
+    monkeypatch.setitem(sys.modules, "cascade_clip._C", stale)
+    monkeypatch.setattr(_cpp_backend, "_loaded", False)
+    monkeypatch.setattr(_cpp_backend, "_load_error", None)
+    loaded, reason = _cpp_backend.status()
+    assert not loaded
+    assert f"built for torch 2.0.0+cpu, you have {torch.__version__}" in reason
+
+
 def test_built_for_version_is_in_the_binary():
     assert _cpp_backend.extension_torch_version() == torch.__version__
     assert _cpp_backend._built_for_from_binary() == torch.__version__
