@@ -35,11 +35,13 @@ def template_arg(value: str):
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with ``predict``: where the text weights come from, templates, cache."""
     group = parser.add_argument_group("text embeddings")
-    group.add_argument("--clip-weights", help="text tower weights: open_clip tag (e.g. openai) or a local CLIP file")
+    group.add_argument("--clip-weights", help="CLIP weights, open_clip tag (e.g. openai) or local file: the text tower "
+                       "(predict --training-free: the image tower too)")
     group.add_argument(
         "--templates", type=template_arg, default=None,
         help="single ('a photo of a {}'), multi (the 15 official templates) or a file of templates; "
-        "default: the official set of the class preset / checkpoint dataset (VOC single, Context/COCO multi)",
+        "default: the official set of the class preset / checkpoint dataset (VOC single, Context/COCO multi); "
+        "multi for predict --training-free",
     )
     group.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"embedding cache (default {DEFAULT_CACHE_DIR})")
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
