@@ -141,6 +141,11 @@ def main(argv=None) -> None:
         from . import ops
 
         ops.set_backend(args.backend)
+    if args.training_free:
+        ignored = [flag for flag, used in (("--set", args.overrides), ("--seen", args.seen is not None),
+                                           ("--no-calibration", args.no_calibration)) if used]
+        if ignored:
+            parser.error(f"{', '.join(ignored)}: only for --checkpoint models, not --training-free")
     if args.short_side < 0:
         parser.error(f"--short-side must be >= 0 (0 keeps the original size), got {args.short_side}")
     if not 0.0 <= args.alpha <= 1.0:
@@ -175,10 +180,11 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
     names = segmenter.class_names
     palette = class_palette(names)
     records, failed = [], []
-    progress = Progress(list(zip(files, output_stems(files))), total=len(files), desc="predict",
-                        enabled=not args.no_progress)
+    stems = output_stems(files)
+    progress = Progress(files, total=len(files), desc="predict", enabled=not args.no_progress)
     start = time.perf_counter()
-    for path, stem in progress:
+    for index, path in enumerate(progress):
+        stem = stems[index]
         try:
             rgb = read_rgb(path)
             result = segmenter.segment_rgb(rgb, return_scores=False)
