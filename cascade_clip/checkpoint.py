@@ -80,18 +80,22 @@ def load_model(
     from .model import CascadeCLIP
 
     raw = read_any_checkpoint(path)
-    if "official_state_dict" in raw:
-        state = raw["official_state_dict"]
-        cfg = config or ModelConfig.preset(official_preset(state))
-        if overrides:
-            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
-        model = CascadeCLIP(cfg)
-        model.load_official_state_dict(state)
+    official = raw.get("official_state_dict")
+    if config is None:
+        config = ModelConfig.preset(official_preset(official)) if official is not None else ModelConfig.from_dict(raw["model_config"])
+    values = config.to_dict()
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+    values.update(overrides)
+    # The checkpoint holds every CLIP weight: building with the recorded clip_pretrained would only re-read (or
+    # download) weights that are overwritten next, and fail if that file has moved since training.
+    values["clip_pretrained"] = None
+    cfg = ModelConfig.from_dict(values)
+    model = CascadeCLIP(cfg)
+    if official is not None:
+        model.load_official_state_dict(official)
     else:
-        cfg = config or ModelConfig.from_dict(raw["model_config"])
-        if overrides:
-            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
-        model = CascadeCLIP(cfg)
         try:
             model.load_state_dict(raw["model"], strict=True)
         except RuntimeError as exc:

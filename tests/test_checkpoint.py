@@ -59,3 +59,14 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         save_atomic(path, {"a": Unpicklable()})
     assert torch.load(path)["a"].tolist() == [1.0, 1.0]  # the old file is intact
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_load_ignores_a_moved_clip_file_and_rejects_unknown_overrides(tmp_path):
+    model = CascadeCLIP(ModelConfig.preset("voc", **TINY))
+    model.cfg.clip_pretrained = str(tmp_path / "moved-away.pt")  # recorded at training time, gone now
+    path = str(tmp_path / "latest.pt")
+    save_model_checkpoint(path, model)
+    loaded, _ = load_model(path)
+    assert torch.equal(loaded.backbone.conv1.weight, model.backbone.conv1.weight)
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['crop'\]"):
+        load_model(path, crop=3)
