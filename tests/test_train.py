@@ -1,0 +1,172 @@
+"""Training end to end at tiny size: configs, resume after a kill -9 equals an uninterrupted run, bad input, load-from +
+transductive, and the eval command (metrics JSON, palette predictions, cross-dataset)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascade_clip import config_cli, evaluate, train
+from cascade_clip.quickstart import quickstart_overrides
+from cascade_clip.synthetic import SyntheticSpec, write_voc_layout
+from cascade_clip.train_config import preset, resolve
+
+SPEC = SyntheticSpec(train_images=8, val_images=3, min_side=40, max_side=56)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_overrides(data_root, work_dir, iters=8):
+    """The quickstart job shrunk to 32 px, batch 2, no dropout (so runs are comparable across processes)."""
+    return quickstart_overrides(data_root, work_dir, iters, SPEC) + [
+        "model.img_size=32", "model.crop_size=32", "model.stride=27", "data.scale=128,32", "eval.short_side=32",
+        "train.batch_size=2", "model.prompt_dropout=0.0", "model.decoder_dropout=0.0", "train.eval_at_start=false",
+        "train.eval_at_end=false", "train.log_interval=1", "train.checkpoint_interval=2", "train.kernels=reference",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    write_voc_layout(root, SPEC)
+    return root
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_presets_and_overrides(capsys):
+    voc = preset("voc")
+    assert (voc.train.iters, voc.train.batch_size, voc.optim.lr, voc.optim.weight_decay) == (20000, 4, 2e-4, 0.01)
+    assert (voc.optim.warmup_iters, voc.optim.warmup_ratio, voc.optim.min_lr, voc.optim.power) == (1500, 1e-6, 1e-6, 0.9)
+    assert voc.data.train_split == "train+aug" and voc.model.num_prompt_tokens == 10 and not voc.train.transductive
+    st = preset("voc-st")
+    assert st.train.transductive and st.train.iters == 10000 and st.train.batch_size == 8 and st.model.seen_calibration == 0
+    assert preset("coco").model.num_prompt_tokens == 50 and preset("context-st").train.iters == 20000
+    cfg = resolve("voc", ["model.img_size=64", "model.clip_model=cascade-tiny", "train.iters=7", "train.batch_size=3",
+                          "train.checkpoint_interval=5"], data_root="/d", work_dir="/w", text_embeddings="t.npy")
+    assert (cfg.model.img_size, cfg.model.clip_model, cfg.train.iters, cfg.train.batch_size) == (64, "cascade-tiny", 7, 3)
+    assert (cfg.data.root, cfg.train.work_dir, cfg.data.text_embeddings, cfg.train.checkpoint_interval) == ("/d", "/w", "t.npy", 5)
+    with pytest.raises(ValueError, match="unknown config key 'train.iterz'"):
+        resolve("voc", ["train.iterz=3"])
+    with pytest.raises(ValueError, match="train.iters: expected int"):
+        resolve("voc", ["train.iters=many"])
+    shown = json.loads(config_cli.main(["show", "--config", "coco-st", "--set", "train.iters=9"]))
+    assert shown["train"]["iters"] == 9 and shown["train"]["transductive"] and shown["model"]["clip_model"] == "ViT-B-16"
+
+
+_DYING = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    real_save = torch.save
+    calls = [0]
+    def dying_save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # the third checkpoint: write part of it, then die like kill -9
+            f.write(b"PK partial checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = dying_save
+    from cascade_clip.train import main
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(data_root, tmp_path):
+    whole = str(tmp_path / "whole")
+    killed = str(tmp_path / "killed")
+    train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, whole)), [])])
+
+    args = ["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, killed)), [])]
+    proc = subprocess.run([sys.executable, "-c", _DYING, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    files = sorted(os.listdir(killed))
+    assert "iter_2.pt" in files and "iter_4.pt" in files and "iter_6.pt" not in files
+    assert any(f.startswith(".tmp-") for f in files)  # the half-written file is hidden, never a checkpoint name
+    for name in ("iter_2.pt", "iter_4.pt", "latest.pt"):
+        torch.load(os.path.join(killed, name), map_location="cpu", weights_only=False)  # complete files only
+    assert torch.load(os.path.join(killed, "latest.pt"), weights_only=False)["iteration"] == 4
+
+    result = train.main(args + ["--resume", "auto"])
+    assert result["iteration"] == 8
+    assert not any(f.startswith(".tmp-") for f in os.listdir(killed))
+    a, b = _weights(os.path.join(whole, "latest.pt")), _weights(os.path.join(killed, "latest.pt"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    # --resume with another configuration is refused, naming the key
+    with pytest.raises(ValueError, match=r"(?s)another configuration.*train\.iters: 8 \(checkpoint\) vs 9"):
+        train.main(args + ["--set", "train.iters=9", "--resume", os.path.join(killed, "latest.pt")])
+    # metrics.jsonl has one loss per step
+    losses = [json.loads(line) for line in open(os.path.join(whole, "metrics.jsonl"))]
+    assert [r["iter"] for r in losses if "loss" in r] == list(range(1, 9))
+
+
+def test_text_embedding_file_shape_mismatch(data_root, tmp_path):
+    bad = tmp_path / "text.npy"
+    np.save(bad, np.zeros((5, 64), np.float32))  # 6 classes in the synthetic set
+    args = ["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, str(tmp_path / "w"))), [])]
+    with pytest.raises(ValueError, match=r"text\.npy: 5 text embeddings \(shape \(5, 64\)\) for 6 classes"):
+        train.main(args + ["--text-embeddings", str(bad)])
+    np.save(bad, np.zeros((6, 32), np.float32))
+    with pytest.raises(ValueError, match=r"text\.npy: embeddings are 32 wide, the model needs 64"):
+        train.main(args + ["--text-embeddings", str(bad)])
+    with pytest.raises(ValueError, match="data root not found"):
+        train.main(args + ["--data-root", str(tmp_path / "missing")])
+
+
+def test_load_from_transductive_and_eval(data_root, tmp_path):
+    inductive = str(tmp_path / "inductive")
+    overrides = tiny_overrides(data_root, inductive, iters=2)
+    train.main(["--config", "voc", *sum((["--set", o] for o in overrides), [])])
+    ckpt = os.path.join(inductive, "latest.pt")
+
+    st = str(tmp_path / "st")
+    st_overrides = tiny_overrides(data_root, st, iters=2) + ["train.transductive=true", "model.seen_calibration=0.0",
+                                                              "train.eval_at_end=true"]
+    result = train.main(["--config", "voc", "--load-from", ckpt, *sum((["--set", o] for o in st_overrides), [])])
+    assert all(np.isfinite(loss) for _, loss in result["losses"])
+    assert result["metrics"]["mIoU"] is not None
+    raw = torch.load(os.path.join(st, "latest.pt"), weights_only=False)
+    assert raw["train_config"]["train"]["transductive"] and raw["iteration"] == 2
+
+    out = tmp_path / "metrics.json"
+    preds = tmp_path / "preds"
+    metrics = evaluate.main(["--checkpoint", ckpt, "--data-root", data_root, "--out", str(out), "--save-preds",
+                             str(preds), "--kernels", "reference", "--num-workers", "0"])
+    stored = json.loads(out.read_text())
+    assert stored == json.loads(json.dumps(metrics))
+    assert set(stored) >= {"mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "aAcc", "per_class"}
+    assert list(stored["per_class"]) == list(SPEC.class_names)
+    names = sorted(os.listdir(preds))
+    assert names == [f"val_{i:05d}.png" for i in range(SPEC.val_images)]
+    with Image.open(preds / names[0]) as png, Image.open(os.path.join(data_root, "VOCdevkit/VOC2012/JPEGImages/val_00000.jpg")) as img:
+        assert png.mode == "P" and png.size == img.size  # original resolution
+        assert np.asarray(png).max() < len(SPEC.class_names)
+
+
+def test_cross_dataset_eval(data_root, tmp_path):
+    """A model evaluated on another dataset's layout and classes (like coco2context): all classes seen, no unseen."""
+    work = str(tmp_path / "w")
+    train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, work, iters=1)), [])])
+    base = tmp_path / "ctx" / "VOCdevkit" / "VOC2010"
+    for sub in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        os.makedirs(base / sub)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(base / "JPEGImages/x.jpg")
+    label = np.zeros((40, 50), np.uint8)
+    label[10:30, 10:40] = 3
+    Image.fromarray(label, mode="L").save(base / "SegmentationClassContext/x.png")
+    (base / "ImageSets/SegmentationContext/val.txt").write_text("x\n")
+    metrics = evaluate.main(["--checkpoint", os.path.join(work, "latest.pt"), "--dataset", "context", "--data-root",
+                             str(tmp_path / "ctx"), "--kernels", "reference", "--num-workers", "0", "--short-side", "32"])
+    assert len(metrics["per_class"]) == 59 and metrics["mIoU_unseen"] is None and metrics["hIoU"] is None
+    assert metrics["mIoU"] is not None
