@@ -169,6 +169,7 @@ DESC_SHAPES = [  # (C, d, B, S, e)
     (1, 1, 1, 1, 1),
     (3, 9, 1, 2, 4),
     (15, 64, 2, 3, 33),
+    (40, 320, 2, 2, 24),  # text > 48 KiB: the two-GEMM forward instead of the fused one
 ]
 
 
