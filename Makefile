@@ -19,7 +19,7 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 	touch $(STAMP)
 
 run: install
-	$(PY) -m cascade_clip.demo
+	$(PY) -m cascade_clip.quickstart
 
 test: install
 	$(PY) -m pytest -q tests

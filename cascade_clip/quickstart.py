@@ -36,9 +36,9 @@ def quickstart_overrides(data_root: str, work_dir: str, iters: int, spec: Synthe
         "eval.short_side=64",
         f"train.work_dir={work_dir}",
         f"train.iters={iters}",
-        "train.batch_size=8",
+        "train.batch_size=4",
         f"train.checkpoint_interval={iters}",
-        "train.log_interval=10",
+        "train.log_interval=25",
         "train.eval_at_start=true",
         "optim.lr=1e-3",  # the official 2e-4 is tuned for 20k iterations with CLIP weights; a short run needs more
         "optim.warmup_iters=10",
@@ -48,7 +48,7 @@ def quickstart_overrides(data_root: str, work_dir: str, iters: int, spec: Synthe
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=os.path.join("work_dirs", "quickstart"))
-    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--kernels", default="auto", choices=("auto", "triton", "cpp", "reference"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
