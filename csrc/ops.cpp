@@ -390,9 +390,12 @@ std::tuple<at::Tensor, at::Tensor> nga_backward_cpu(const at::Tensor& grad_in, c
 // ------------------------------------------------------------------------------------------------------------------
 //
 // out[s,b] = concat(text * g[b], text) @ W[s]^T + bias[s] = (text * g[b]) @ W1[s]^T + (text @ W2[s]^T + bias[s]),
-// with W1 = W[..., :d], W2 = W[..., d:]. All stages share the left operand, so the stages become the columns of one
-// GEMM: W viewed as (S*e, 2d) and narrowed to W1/W2 is a strided matrix BLAS reads in place (ld = 2d). The text half
-// does not depend on b and is computed once (C rows instead of B*C), and the (B, C, 2d) concatenation is never built.
+// with W1 = W[..., :d], W2 = W[..., d:]. The (B, C, 2d) concatenation is never built. Two forward paths:
+// * small C (padded text <= 48 KiB, e.g. VOC's C=15), float compute: one fused pass, descriptor_forward_rows below.
+// * otherwise (and for float64): all stages share the left operand, so they become the columns of one GEMM: W viewed
+//   as (S*e, 2d) and narrowed to W1/W2 is a strided matrix BLAS reads in place (ld = 2d); the text half does not
+//   depend on b and is computed once (C rows instead of B*C).
+// The backward has the same two paths (descriptor_backward_rows, or four GEMMs in descriptor_backward_cpu).
 
 struct DescriptorInputs {
   at::Tensor text, g, w, w1, w2, bias;  // compute dtype; w (S*e, 2d), w1/w2 (S*e, d) strided views of w
@@ -533,6 +536,117 @@ at::Tensor descriptor_cpu(const at::Tensor& text, const at::Tensor& g, const at:
 //   gA = Gp @ W1                      (B*C, d), the gradient of A = text * g[b]
 //   grad_g[b] = sum_c gA[b,c] * text[c];   grad_text = sum_b gA[b] * g[b] + Gt @ W2
 //   grad_W1 = Gp^T @ A;  grad_W2 = Gt^T @ text;  grad_bias = sum_c Gt[c]
+// The float32 backward as one fused pass over the weight rows (the small-C counterpart of descriptor_forward_rows).
+// For a weight row r = s*e + j and image b, with G[r,b,c] = grad[s,b,c,j]:
+//   u[b] = sum_c G[r,b,c] text[c]          -> grad_W1[r] = sum_b g[b] * u[b],  grad_W2[r] = sum_b u[b]
+//                                             grad_g[b] += W1[r] * u[b]
+//   grad_text[c] += sum_b G[r,b,c] (g[b] * W1[r] + W2[r])
+//   grad_bias[r] = sum_{b,c} G[r,b,c]
+// i.e. 2*B*C*S*e*d multiply-adds where the GEMM formulation needs 3*B*C*S*e*d, with every operand of a row in L1.
+// Weight rows are owned by one task each; grad_text and grad_g are sums over rows, so each chunk of kDescRowChunk
+// rows accumulates its own partial, and the partials are added in chunk order afterwards: deterministic for any
+// number of threads.
+constexpr int64_t kDescRowChunk = 64;
+// The fused paths' text bound (kDescFusedTextBytes of padded float rows, each >= 16 wide) caps C at this.
+constexpr int64_t kDescMaxC = kDescFusedTextBytes / (16 * sizeof(float));
+
+// One weight row r and the images [b0, b0 + NB): the d axis in 16-float vectors, with v[b] = g[b] * W1[r] + W2[r] and
+// u[b] held in vector registers across the whole class loop; only the grad_text partial row goes through L1.
+template <int NB>
+CC_MULTIVERSION void descriptor_backward_block(const float* Grow, const float* text, const float* g, const float* w1,
+                                               const float* w2, float* gw1, float* gw2, float* text_part,
+                                               float* g_part, int64_t b0, int64_t C, int64_t d) {
+  auto load = [](const float* p) {
+    vf16 x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
+  };
+  auto store = [](float* p, const vf16& x) { std::memcpy(p, &x, sizeof(x)); };
+  float coef[NB][kDescMaxC];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int64_t c = 0; c < C; ++c) coef[nb][c] = Grow[(b0 + nb) * C + c];
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const vf16 W1 = load(w1 + i), W2 = load(w2 + i);
+    vf16 V[NB], U[NB];
+    for (int nb = 0; nb < NB; ++nb) {
+      V[nb] = load(g + (b0 + nb) * d + i) * W1 + W2;
+      U[nb] = vf16{};
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const vf16 T = load(text + c * d + i);
+      vf16 tp = load(text_part + c * d + i);
+      for (int nb = 0; nb < NB; ++nb) {
+        U[nb] += coef[nb][c] * T;
+        tp += coef[nb][c] * V[nb];
+      }
+      store(text_part + c * d + i, tp);
+    }
+    vf16 a1 = load(gw1 + i), a2 = load(gw2 + i);
+    for (int nb = 0; nb < NB; ++nb) {
+      a1 += load(g + (b0 + nb) * d + i) * U[nb];
+      a2 += U[nb];
+      store(g_part + (b0 + nb) * d + i, load(g_part + (b0 + nb) * d + i) + W1 * U[nb]);
+    }
+    store(gw1 + i, a1);
+    store(gw2 + i, a2);
+  }
+  for (; i < d; ++i) {  // tail (< 16 elements), same arithmetic in scalars
+    float V[NB], U[NB] = {};
+    for (int nb = 0; nb < NB; ++nb) V[nb] = g[(b0 + nb) * d + i] * w1[i] + w2[i];
+    for (int64_t c = 0; c < C; ++c) {
+      float tp = text_part[c * d + i];
+      for (int nb = 0; nb < NB; ++nb) {
+        U[nb] += coef[nb][c] * text[c * d + i];
+        tp += coef[nb][c] * V[nb];
+      }
+      text_part[c * d + i] = tp;
+    }
+    for (int nb = 0; nb < NB; ++nb) {
+      gw1[i] += g[(b0 + nb) * d + i] * U[nb];
+      gw2[i] += U[nb];
+      g_part[(b0 + nb) * d + i] += w1[i] * U[nb];
+    }
+  }
+}
+
+void descriptor_backward_rows(const float* Gr, const float* text, const float* g, const float* w, float* gw,
+                              float* gbias, float* text_part, float* g_part, int64_t B, int64_t C, int64_t d,
+                              int64_t Se, int64_t chunk) {
+  const int64_t r_end = std::min(Se, (chunk + 1) * kDescRowChunk);
+  for (int64_t r = chunk * kDescRowChunk; r < r_end; ++r) {
+    const float* w1 = w + r * 2 * d;
+    const float* Grow = Gr + r * B * C;  // (B, C)
+    float* gw1 = gw + r * 2 * d;
+    std::fill(gw1, gw1 + 2 * d, 0.0f);
+    float bsum = 0.0f;
+    for (int64_t k = 0; k < B * C; ++k) bsum += Grow[k];
+    gbias[r] = bsum;
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {  // images in register blocks of up to 4
+      const int64_t nb = std::min<int64_t>(4, B - b0);
+      auto run = [&](auto n) {
+        descriptor_backward_block<decltype(n)::value>(Grow, text, g, w1, w1 + d, gw1, gw1 + d, text_part, g_part, b0,
+                                                      C, d);
+      };
+      switch (nb) {
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        default: run(std::integral_constant<int, 4>{}); break;
+      }
+    }
+  }
+}
+
+// out[i] = sum_k parts[k * n + i] for k < K (fixed order), i in [begin, end).
+CC_MULTIVERSION void sum_parts(const float* parts, float* out, int64_t K, int64_t n, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) out[i] = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* p = parts + k * n;
+    for (int64_t i = begin; i < end; ++i) out[i] += p[i];
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> descriptor_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& text, const at::Tensor& g, const at::Tensor& weight,
     const at::Tensor& bias, std::array<bool, 4> mask) {
@@ -543,10 +657,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> descriptor_backward_c
                   grad_in.size(3) == e,
               "descriptor_backward: grad must be (S, B, C, e), got ", grad_in.sizes());
   const at::ScalarType ct = in.w.scalar_type();
+  auto empty_like_ = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
+  const int64_t Cp = (C + kDescCB - 1) / kDescCB * kDescCB, dp = (d + 15) / 16 * 16;
+  if (ct == at::kFloat && Se > 0 && d > 0 && Cp * dp * static_cast<int64_t>(sizeof(float)) <= kDescFusedTextBytes) {
+    TORCH_INTERNAL_ASSERT(C <= kDescMaxC);
+    // One copy converts the (small) gradient and lays it out per weight row: (S, e, B, C) = (S*e, B, C).
+    const at::Tensor Gr = grad_in.to(ct).permute({0, 3, 1, 2}).contiguous();
+    const int64_t chunks = (Se + kDescRowChunk - 1) / kDescRowChunk;
+    at::Tensor gw = at::empty({Se, 2 * d}, in.w.options());
+    at::Tensor gbias = at::empty({Se}, in.w.options());
+    at::Tensor text_parts = at::zeros({chunks, C, d}, in.w.options());
+    at::Tensor g_parts = at::zeros({chunks, B, d}, in.w.options());
+    const float* grp = Gr.const_data_ptr<float>();
+    const float* tp = in.text.const_data_ptr<float>();
+    const float* gp = in.g.const_data_ptr<float>();
+    const float* wp = in.w.const_data_ptr<float>();
+    float* gwp = gw.mutable_data_ptr<float>();
+    float* gbp = gbias.mutable_data_ptr<float>();
+    float* tpp = text_parts.mutable_data_ptr<float>();
+    float* gpp = g_parts.mutable_data_ptr<float>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+        descriptor_backward_rows(grp, tp, gp, wp, gwp, gbp, tpp + chunk * C * d, gpp + chunk * B * d, B, C, d, Se,
+                                 chunk);
+      }
+    });
+    at::Tensor gt = at::empty({C, d}, in.w.options()), gg = at::empty({B, d}, in.w.options());
+    at::parallel_for(0, C * d, 4096, [&](int64_t i0, int64_t i1) {
+      sum_parts(tpp, gt.mutable_data_ptr<float>(), chunks, C * d, i0, i1);
+    });
+    sum_parts(gpp, gg.mutable_data_ptr<float>(), chunks, B * d, 0, B * d);
+    return {mask[0] ? gt.to(text.scalar_type()) : empty_like_(text), mask[1] ? gg.to(g.scalar_type()) : empty_like_(g),
+            mask[2] ? gw.view({S, e, 2 * d}).to(weight.scalar_type()) : empty_like_(weight),
+            mask[3] ? gbias.view({S, e}).to(bias.scalar_type()) : empty_like_(bias)};
+  }
   // One copy both converts to the compute dtype and lays the (small) gradient out as (B*C, S*e).
   const at::Tensor Gp = grad_in.to(ct).permute({1, 2, 0, 3}).contiguous().view({B * C, Se});
   const at::Tensor Gt = Gp.view({B, C, Se}).sum(0);  // (C, S*e)
-  auto empty_like_ = [](const at::Tensor& t) { return at::empty({0}, t.options()); };
   at::Tensor grad_text = empty_like_(text), grad_g = empty_like_(g), grad_weight = empty_like_(weight),
              grad_bias = empty_like_(bias);
   if (mask[0] || mask[1]) {

@@ -169,7 +169,8 @@ DESC_SHAPES = [  # (C, d, B, S, e)
     (1, 1, 1, 1, 1),
     (3, 9, 1, 2, 4),
     (15, 64, 2, 3, 33),
-    (40, 320, 2, 2, 24),  # text > 48 KiB: the two-GEMM forward instead of the fused one
+    (7, 37, 6, 2, 9),  # B=6: image blocks of 4 + 2 in the fused backward; d=37: vector body + tail
+    (40, 320, 2, 2, 24),  # text > 48 KiB: the GEMM formulation instead of the fused passes
 ]
 
 
