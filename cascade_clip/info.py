@@ -64,7 +64,10 @@ def collect() -> List[Tuple[str, str]]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="cascade-clip info", description="versions, the C++ extension, ops backends").parse_args(argv)
     rows = collect()
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

@@ -22,3 +22,14 @@ def test_package_data_ships():
     import open_clip
 
     assert "cascade-tiny" in open_clip.list_models()
+
+
+def test_cli_dispatches_every_subcommand_help():
+    from cascade_clip.cli import COMMANDS
+
+    for name in COMMANDS:
+        out = subprocess.run(
+            [sys.executable, "-m", "cascade_clip.cli", name, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, f"cascade-clip {name} --help failed: {out.stderr[-500:]}"
+        assert "usage:" in out.stdout
