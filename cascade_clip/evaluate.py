@@ -169,12 +169,19 @@ def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, d
     stored = raw_checkpoint.get("text_embeddings")
     if not path and stored is not None and list(raw_checkpoint.get("class_names", [])) == list(class_names):
         return torch.as_tensor(stored).float()
+    templates = templates or ("single" if dataset == "voc" else "multi")
+    if not path and "official_state_dict" in raw_checkpoint:
+        # An official checkpoint carries CLIP ViT-B/16's text tower (text_encoder.*): embed the class names with it.
+        from .text import class_embeddings
+
+        return class_embeddings(class_names, clip_model=model.cfg.clip_model, official_checkpoint=raw_checkpoint["path"],
+                                templates=templates)
     return load_text(
         class_names,
         embed_dim=model.embed_dim,
         clip_model=model.cfg.clip_model,
         clip_pretrained=model.cfg.clip_pretrained,
-        templates=templates or ("single" if dataset == "voc" else "multi"),
+        templates=templates,
         path=path,
     )
 
@@ -198,6 +205,7 @@ def main(argv=None) -> dict:
                 raise ValueError(f"unknown model config key {key!r}")
             overrides[name] = _parse(value, hints[name], key)
         model, raw = load_model(args.checkpoint, map_location=str(info.device), **overrides)
+        raw["path"] = args.checkpoint
         dataset = args.dataset or model.cfg.dataset
         if dataset not in DATASET_NAMES:
             raise ValueError(f"the model's dataset {dataset!r} has no layout; pass --dataset")

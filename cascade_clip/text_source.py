@@ -39,6 +39,14 @@ def load_text(
             )
         return text
     if clip_pretrained is None:
+        if clip_model != "cascade-tiny":
+            import warnings
+
+            warnings.warn(
+                f"model.clip_pretrained is not set: class embeddings come from a random-weight {clip_model} text tower "
+                "(fixed but meaningless); set model.clip_pretrained or pass --text-embeddings FILE.npy",
+                stacklevel=2,
+            )
         # Random text tower drawn from a fixed seed (without disturbing the caller's RNG): fixed, arbitrary vectors.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEXT_SEED)

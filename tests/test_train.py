@@ -27,6 +27,7 @@ def tiny_overrides(data_root, work_dir, iters=8):
         "model.img_size=32", "model.crop_size=32", "model.stride=27", "data.scale=128,32", "eval.short_side=32",
         "train.batch_size=2", "model.prompt_dropout=0.0", "model.decoder_dropout=0.0", "train.eval_at_start=false",
         "train.eval_at_end=false", "train.log_interval=1", "train.checkpoint_interval=2", "train.kernels=reference",
+        "data.text_embeddings=none",  # the random text tower drawn from a fixed seed
     ]
 
 
