@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, dataset) -> torch.Tensor:
+def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, dataset, clip_pretrained=None) -> torch.Tensor:
+    """Class embeddings for evaluation: ``path`` if given; else those stored in our checkpoint when the classes are
+    the ones it was trained on; else an official checkpoint's own text tower; else CLIP's text tower
+    (``clip_pretrained``) or, without weights, the fixed-seed random tower."""
     from .text_source import load_text
 
     stored = raw_checkpoint.get("text_embeddings")
@@ -180,7 +183,7 @@ def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, d
         class_names,
         embed_dim=model.embed_dim,
         clip_model=model.cfg.clip_model,
-        clip_pretrained=model.cfg.clip_pretrained,
+        clip_pretrained=clip_pretrained,
         templates=templates,
         path=path,
     )
@@ -204,13 +207,20 @@ def main(argv=None) -> dict:
             if name not in hints:
                 raise ValueError(f"unknown model config key {key!r}")
             overrides[name] = _parse(value, hints[name], key)
+        # The checkpoint holds every weight: do not re-read the CLIP file it was trained from (it may have moved);
+        # its name still selects the text tower for embedding class names.
+        text_weights = overrides.get("clip_pretrained")
+        overrides["clip_pretrained"] = None
         model, raw = load_model(args.checkpoint, map_location=str(info.device), **overrides)
         raw["path"] = args.checkpoint
+        if text_weights is None:
+            text_weights = (raw.get("model_config") or {}).get("clip_pretrained")
         dataset = args.dataset or model.cfg.dataset
         if dataset not in DATASET_NAMES:
             raise ValueError(f"the model's dataset {dataset!r} has no layout; pass --dataset")
         class_names, seen, calibrate = eval_classes(model.cfg, dataset)
-        text = resolve_text(model, raw, class_names, path=args.text_embeddings, templates=args.templates, dataset=dataset)
+        text = resolve_text(model, raw, class_names, path=args.text_embeddings, templates=args.templates,
+                            dataset=dataset, clip_pretrained=text_weights)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision] if info.device.type == "cuda" else None
         metrics = evaluate_model(
             model, text, dataset=dataset, root=args.data_root, split=args.split, class_names=class_names, seen=seen,
