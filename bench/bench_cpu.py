@@ -26,22 +26,12 @@ from torch.utils.benchmark import Timer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common_cpu as common  # noqa: E402
+from cascade_clip.info import cpu_name  # noqa: E402
 
 FIELDS = [
     "date", "git_commit", "cpu", "threads", "torch", "op", "provider", "mode", "shape", "dtype",
     "median_ms", "iqr_ms", "p20_ms", "p80_ms", "runs", "peak_mem_mb", "load_avg",
 ]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def git_commit() -> str:

@@ -20,7 +20,8 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, or "unknown"."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -46,7 +47,7 @@ def collect() -> List[Tuple[str, str]]:
     rows.append(("CUDA (torch build)", cuda))
     rows.append(("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"))
     rows.append(("open_clip", _version("open_clip_torch")))
-    rows.append(("CPU", f"{_cpu_name()} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"))
+    rows.append(("CPU", f"{cpu_name()} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"))
 
     from . import _cpp_backend
     from .ops import available_backends, get_backend

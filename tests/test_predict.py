@@ -25,13 +25,7 @@ IMAGES = {"rgb": ("RGB", 80, 64), "gray": ("L", 40, 30), "rgba": ("RGBA", 70, 50
           "tiny": ("RGB", 5, 7), "large": ("RGB", 200, 150)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU cores (10x faster under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

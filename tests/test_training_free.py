@@ -11,13 +11,7 @@ from cascade_clip.clip_arch import create_clip
 from cascade_clip.training_free import DenseCLIP, clip_temperature
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared CPU cores (10x faster under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
