@@ -7,8 +7,9 @@
 # open_clip or torchvision). Missing wheels come from ./wheels (git-ignored; filled on a networked machine with
 # `pip download --no-deps open_clip_torch==3.3.0 ftfy wcwidth -d wheels/`). Every step runs under `timeout`, is logged,
 # and a failing step does not stop the next, so partial results still come back. Total under ~6 minutes.
-# At most 7 files are written to OUT_DIR (the device tool returns at most 8):
+# At most 8 files are written to OUT_DIR (the device tool returns at most 8):
 #   gpu_check.log  pytest_gpu.log  pytest_rest.log  bench.log  results_gpu.csv  results_gpu.md  results_gpu.png
+#   results_train.csv (whole-model training steps, bench/train_speed.py)
 set -u
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
@@ -87,6 +88,14 @@ step "bench eager+triton" 90 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out 
 # 5. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
 step "pytest not gpu" 45 "$OUT/pytest_rest.log" $PY -m pytest -v -rfE -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_rest.log" | tee -a "$LOG"
+
+# 5b. end-to-end training steps of the whole model (ViT-B/16, 512 px, B=8, 15 classes): reference vs triton ops,
+#     bf16 and fp32, img/s and peak memory (random weights, synthetic batch; the data pipeline is not timed)
+if [ -z "$DRY" ]; then
+    step "train speed" 90 "$OUT/bench.log" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton
+else
+    step "train speed (tiny, dry run)" 90 "$OUT/bench.log" $PY bench/train_speed.py --tiny --iters 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --out "$OUT/results_train.csv"
+fi
 
 # 6. torch.compile of the official formulation, B=8 (one compile per shape), with whatever time is left
 left=$(( 330 - ($(date +%s) - START) ))
