@@ -57,7 +57,11 @@ def assert_rel(actual, expected, rtol, name):
     assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
 
 
-@pytest.fixture(scope="module", params=["reference", "auto"])
+# "auto" is the process default (cpp on CPU when built); "triton" runs the fused kernels (Triton's CPU interpreter here).
+BACKENDS = ["reference", "auto"] + [b for b in ("triton",) if b in ops.available_backends()]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
 def eval_outputs(request, golden):
     model = CascadeCLIP(golden_config(golden)).eval()
     model.load_official_state_dict(golden["state_dict"])
@@ -104,16 +108,21 @@ def test_pred_masks_and_calibrated_pred(golden, eval_outputs):
     assert_rel(pred, golden["pred"], FORWARD_RTOL, "pred (sigmoid, -0.1 on seen classes)")
 
 
-def test_training_forward_losses_and_gradients(golden):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_forward_losses_and_gradients(golden, backend):
     # The golden training pass ran with dropout p=0 (official drop path is dead code).
     model = CascadeCLIP(golden_config(golden, prompt_dropout=0.0, decoder_dropout=0.0)).train()
     model.load_official_state_dict(golden["state_dict"])
-    out = model(golden["images"], golden["text"])
+    ops.set_backend(backend)
+    try:
+        out = model(golden["images"], golden["text"])
+        losses = model.loss(out, golden["labels"])
+        losses["loss"].backward()
+    finally:
+        ops.set_backend("auto")
     assert_rel(out["mask_logits"], golden["train_pred_masks"], FORWARD_RTOL, "train pred_masks")
-    losses = model.loss(out, golden["labels"])
     assert_rel(losses["loss_mask"], golden["loss_mask"], FORWARD_RTOL, "loss_mask")
     assert_rel(losses["loss_dice"], golden["loss_dice"], FORWARD_RTOL, "loss_dice")
-    losses["loss"].backward()
 
     grads = {to_official_key(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
     # Exactly the official set of parameters receives gradients: no more (dead parameters are frozen), no fewer.
