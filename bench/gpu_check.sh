@@ -82,6 +82,15 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/d
 step "pytest -m gpu" 150 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE --durations=8 -m gpu tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
+# 3b. the whole model against the official implementation's golden tensors, on the GPU, through the reference, auto
+#     and triton backends (fp32). ../shared does not travel: carry a copy in .golden/ (git-ignored), see the README.
+if [ -f .golden/voc_tiny.pt ]; then
+    step "golden parity" 90 "$OUT/pytest_gpu.log" env CASCADE_CLIP_GOLDEN=.golden/voc_tiny.pt $PY -m pytest -v -rfE tests/test_golden.py -p no:cacheprovider
+    tail -n 2 "$OUT/pytest_gpu.log" | tee -a "$LOG"
+else
+    log "no .golden/voc_tiny.pt carried: golden parity skipped"
+fi
+
 # 4. benchmark, eager official formulation vs Triton at every case (bf16 and B=8 first); rows appended as they come
 step "bench eager+triton" 90 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --budget-s 70 --rep-ms 50
 

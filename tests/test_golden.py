@@ -17,13 +17,25 @@ from cascade_clip.official import to_official_key
 
 from conftest import REFERENCE_DIR
 
-GOLDEN_PATH = os.path.join(REFERENCE_DIR, "golden", "voc_tiny.pt")
+# CASCADE_CLIP_GOLDEN points elsewhere (a GPU machine gets a carried copy: ../shared does not travel there).
+GOLDEN_PATH = os.environ.get("CASCADE_CLIP_GOLDEN") or os.path.join(REFERENCE_DIR, "golden", "voc_tiny.pt")
+# With a GPU the whole model runs there, so "auto" and "triton" exercise the CUDA kernels.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FORWARD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 
 pytestmark = pytest.mark.skipif(
     not os.path.isfile(GOLDEN_PATH), reason=f"golden tensors not found at {GOLDEN_PATH} (only beside the repository)"
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_fp32_math():
+    """The golden tensors are fp32: on a GPU, keep cuDNN convolutions and matmuls off TF32 (cuDNN allows it by default)."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +64,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_rel(actual, expected, rtol, name):
+    actual = actual.detach().cpu()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = rel_err(actual, expected)
     assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
@@ -65,11 +78,13 @@ BACKENDS = ["reference", "auto"] + [b for b in ("triton",) if b in ops.available
 def eval_outputs(request, golden):
     model = CascadeCLIP(golden_config(golden)).eval()
     model.load_official_state_dict(golden["state_dict"])
+    model.to(DEVICE)
+    images, text = golden["images"].to(DEVICE), golden["text"].to(DEVICE)
     ops.set_backend(request.param)
     try:
         with torch.no_grad():
-            out = model(golden["images"], golden["text"], return_intermediates=True)
-            pred = model.segment(golden["images"], golden["text"])
+            out = model(images, text, return_intermediates=True)
+            pred = model.segment(images, text)
             per_stage = torch.stack(
                 [
                     ops.mask_logits(out["stage_q"][s : s + 1], out["stage_k"][s : s + 1], model.head.cascade_decoders[s].logit_scale)
@@ -113,10 +128,11 @@ def test_training_forward_losses_and_gradients(golden, backend):
     # The golden training pass ran with dropout p=0 (official drop path is dead code).
     model = CascadeCLIP(golden_config(golden, prompt_dropout=0.0, decoder_dropout=0.0)).train()
     model.load_official_state_dict(golden["state_dict"])
+    model.to(DEVICE)
     ops.set_backend(backend)
     try:
-        out = model(golden["images"], golden["text"])
-        losses = model.loss(out, golden["labels"])
+        out = model(golden["images"].to(DEVICE), golden["text"].to(DEVICE))
+        losses = model.loss(out, golden["labels"].to(DEVICE))
         losses["loss"].backward()
     finally:
         ops.set_backend("auto")
@@ -124,7 +140,7 @@ def test_training_forward_losses_and_gradients(golden, backend):
     assert_rel(losses["loss_mask"], golden["loss_mask"], FORWARD_RTOL, "loss_mask")
     assert_rel(losses["loss_dice"], golden["loss_dice"], FORWARD_RTOL, "loss_dice")
 
-    grads = {to_official_key(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads = {to_official_key(n): p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
     # Exactly the official set of parameters receives gradients: no more (dead parameters are frozen), no fewer.
     assert set(grads) == set(golden["grads"])
     for name, expected in golden["grads"].items():
