@@ -51,7 +51,10 @@ if [ -n "$missing" ]; then
         for w in wheels/${name}-*.whl; do [ -e "$w" ] && wheels="$wheels $w"; done
     done
     if [ -n "$wheels" ]; then
-        step "install wheels:$missing" 60 "$LOG" $PY -m pip install -q --no-index --no-deps --no-compile $wheels
+        # into a private folder: the machine's Python environment may not be writable
+        export WHEEL_SITE=$(mktemp -d)
+        step "install wheels:$missing" 60 "$LOG" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WHEEL_SITE" $wheels
+        export PYTHONPATH="$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
     else
         log "missing:$missing, but no matching file in wheels/ (carry it with the run)"
     fi
@@ -128,6 +131,8 @@ else
     $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import subprocess, sys, os
 env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+if os.environ.get("WHEEL_SITE"):  # the carried wheels, not the symlinked tree
+    env["PYTHONPATH"] = os.environ["WHEEL_SITE"]
 r = subprocess.run([sys.executable, "-c", "import cascade_clip.kernels, cascade_clip.ops as o; print('installed package imports; backends', o.available_backends())"], env=env, capture_output=True, text=True, cwd="/")
 print((r.stdout + r.stderr).strip()[-400:])
 EOF
