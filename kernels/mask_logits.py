@@ -28,12 +28,14 @@ import triton.language as tl
 
 from .launch import autotune_configs, block_size, contiguous, dot_precision, num_warps
 
-EPS = 1e-12
+# a tl.constexpr global: compiled Triton (unlike its interpreter) refuses plain Python globals inside @jit code
+EPS = tl.constexpr(1e-12)
 # Caps of the backward tiles (and of the interpreter's forward tile); the GPU forward is autotuned.
 _CAP_C, _CAP_N, _CAP_D = 64, 64, 64
 
 
 def _fwd_configs():
+    """Every forward config tried on a GPU (the autotuner gets only the first under the interpreter)."""
     configs = []
     # few configs: each is a compile per (shape key, dtype, normalize); these cover C from 1 to 171
     for bc, bn, bd, warps, stages in (
@@ -43,7 +45,7 @@ def _fwd_configs():
         (16, 128, 64, 4, 3),  # C = 15-20: one class block, more programs along N
     ):
         configs.append(triton.Config({"BLOCK_C": bc, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages))
-    return autotune_configs(configs)
+    return configs
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -57,7 +59,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=_fwd_configs(),
+    configs=autotune_configs(_fwd_configs()),
     key=["C", "N", "D", "S", "NORMALIZE"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
