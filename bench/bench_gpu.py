@@ -3,8 +3,9 @@
     python bench/bench_gpu.py --out DIR            # all cases on the GPU, rows appended to DIR/results_gpu.csv
     python bench/bench_gpu.py --dry-run --out DIR  # CPU, Triton interpreter, tiny shapes: checks the plumbing only
 
-Every case (op x B x C x dtype, see ``bench_common_gpu.cases``) is timed forward and forward+backward with
-``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8); each row carries the median, GB/s and TFLOP/s from the formulas in
+Every case (op x B x C x dtype, see ``bench_common_gpu.cases``) is timed forward and forward+backward two ways
+(``bench_common_gpu.TIMINGS``): "launch" with ``triton.testing.do_bench`` (host overhead counts, as in an eager loop)
+and "graph" as CUDA-graph replays (GPU time only); medians with the 0.2/0.8 quantiles. Each row carries the median, GB/s and TFLOP/s from the formulas in
 ``bench_common_gpu.work``, the fraction of the copy bandwidth and matmul peak measured at the start of the same run,
 peak memory, the card, versions, commit and date. Rows are appended after each case, so a run stopped by a timeout
 keeps what it measured.
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", type=_strs, default=common.DTYPES)
     p.add_argument("--providers", type=_strs, default=common.PROVIDERS)
     p.add_argument("--modes", type=_strs, default=common.MODES)
+    p.add_argument("--timings", type=_strs, default=common.TIMINGS,
+                   help="launch (do_bench: host overhead counts) and/or graph (CUDA-graph replay: GPU time only)")
     p.add_argument("--compile-batches", type=_ints, default=(8,),
                    help="batches at which the torch.compile provider runs (each shape is a fresh compile)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing budget per measurement")
@@ -62,6 +65,9 @@ def parse_args(argv=None):
     for mode in args.modes:
         if mode not in common.MODES:
             p.error(f"unknown mode {mode!r}; known {common.MODES}")
+    for timing in args.timings:
+        if timing not in common.TIMINGS:
+            p.error(f"unknown timing {timing!r}; known {common.TIMINGS}")
     return args
 
 
@@ -101,12 +107,24 @@ def main(argv=None) -> int:
                 try:
                     fn, inputs = common.runner(case, provider, mode, device)
                     fn()  # compile / autotune outside the timed region
-                    times = common.time_fn(fn, inputs, device, rep_ms=args.rep_ms)
                     peak = common.peak_memory_mib(fn, inputs, device)
-                    row = common.make_row(env, peaks, case, provider, mode, times, peak)
-                    rows.append(row)
-                    print(f"{case.id:58s} {provider:8s} {mode:8s} p50 {times[0]:9.4f} ms  {row['gbps']:>9s} GB/s "
-                          f"{row['tflops']:>8s} TFLOP/s  peak {row['peak_mem_mib']:>8s} MiB", flush=True)
+                    for timing in args.timings:
+                        if timing == "graph" and device != "cuda":
+                            continue  # no CUDA graphs on the CPU dry run
+                        try:
+                            if timing == "graph":
+                                times = common.time_graph(fn, inputs)
+                            else:
+                                times = common.time_fn(fn, inputs, device, rep_ms=args.rep_ms)
+                        except Exception:  # e.g. a provider that cannot be captured: keep its other rows
+                            failures += 1
+                            print(f"{case.id} {provider} {mode} {timing} FAILED:\n{traceback.format_exc()}", flush=True)
+                            continue
+                        row = common.make_row(env, peaks, case, provider, mode, timing, times, peak)
+                        rows.append(row)
+                        print(f"{case.id:52s} {provider:8s} {mode:8s} {timing:6s} p50 {times[0]:9.4f} ms  "
+                              f"{row['gbps']:>9s} GB/s {row['tflops']:>8s} TFLOP/s  peak {row['peak_mem_mib']:>8s} MiB",
+                              flush=True)
                 except Exception:  # one broken provider must not lose the other rows
                     failures += 1
                     print(f"{case.id} {provider} {mode} FAILED:\n{traceback.format_exc()}", flush=True)

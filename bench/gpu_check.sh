@@ -6,7 +6,7 @@
 # Made for a fresh GPU machine without network (python3 with torch, triton, pytest, pytest-benchmark; maybe no
 # open_clip or torchvision). Missing wheels come from ./wheels (git-ignored; filled on a networked machine with
 # `pip download --no-deps open_clip_torch==3.3.0 ftfy wcwidth -d wheels/`). Every step runs under `timeout`, is logged,
-# and a failing step does not stop the next, so partial results still come back. Total under ~6 minutes.
+# and a failing step does not stop the next, so partial results still come back. Total under ~7 minutes.
 # At most 8 files are written to OUT_DIR (the device tool returns at most 8):
 #   gpu_check.log  pytest_gpu.log  pytest_rest.log  bench.log  results_gpu.csv  results_gpu.md  results_gpu.png
 #   results_train.csv (whole-model training steps, bench/train_speed.py)
@@ -60,14 +60,16 @@ if [ -n "$missing" ]; then
     fi
 fi
 
-# 2. make cascade_clip (with cascade_clip.kernels) importable at once through a symlinked tree, and run the real
-#    editable install in the background (its C++ build may take a while; the Triton tests do not need it)
-SITE=$(mktemp -d)
-mkdir -p "$SITE/cascade_clip"
-for f in "$REPO"/cascade_clip/*; do ln -s "$f" "$SITE/cascade_clip/"; done
-ln -s "$REPO/kernels" "$SITE/cascade_clip/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-log "cascade_clip importable from $SITE (symlinks); editable install starts in the background"
+# 2. make cascade_clip.kernels importable at once: a symlink cascade_clip/kernels -> ../kernels (removed on exit when
+#    this script made it), the repo on PYTHONPATH; the real editable install runs in the background (its C++ build
+#    may take a while; the Triton tests do not need it). Python puts the working directory first on sys.path, so a
+#    separate symlinked tree would be shadowed by ./cascade_clip, which has no kernels/ subfolder.
+if [ ! -e cascade_clip/kernels ]; then
+    ln -s ../kernels cascade_clip/kernels
+    trap 'rm -f "$REPO/cascade_clip/kernels"' EXIT
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+log "cascade_clip.kernels importable through the symlink cascade_clip/kernels; editable install starts in the background"
 if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then  # local dry runs: leave this machine's install alone
     ( echo "rc=skipped (GPU_CHECK_SKIP_INSTALL=1)" >"$OUT/.pip.log" ) &
 else
@@ -82,35 +84,36 @@ DRY=""
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { DRY="--dry-run"; log "no CUDA: benchmark in --dry-run mode"; }
 
 # 3. correctness first: the GPU parity tests at real shapes (bf16 dot paths included)
-step "pytest -m gpu" 150 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE --durations=8 -m gpu tests/test_ops_triton.py -p no:cacheprovider
+step "pytest -m gpu" 120 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE --durations=8 -m gpu tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 # 3b. the whole model against the official implementation's golden tensors, on the GPU, through the reference, auto
 #     and triton backends (fp32). ../shared does not travel: carry a copy in .golden/ (git-ignored), see the README.
 if [ -f .golden/voc_tiny.pt ]; then
-    step "golden parity" 90 "$OUT/pytest_gpu.log" env CASCADE_CLIP_GOLDEN=.golden/voc_tiny.pt $PY -m pytest -v -rfE tests/test_golden.py -p no:cacheprovider
+    step "golden parity" 60 "$OUT/pytest_gpu.log" env CASCADE_CLIP_GOLDEN=.golden/voc_tiny.pt $PY -m pytest -v -rfE tests/test_golden.py -p no:cacheprovider
     tail -n 2 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 else
     log "no .golden/voc_tiny.pt carried: golden parity skipped"
 fi
 
-# 4. benchmark, eager official formulation vs Triton at every case (bf16 and B=8 first); rows appended as they come
-step "bench eager+triton" 90 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --budget-s 70 --rep-ms 50
+# 4. benchmark, eager official formulation vs Triton at every case (B=8 first), launch and CUDA-graph timings; rows
+#    appended as they come
+step "bench eager+triton" 100 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --budget-s 80 --rep-ms 50
 
 # 5. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
-step "pytest not gpu" 45 "$OUT/pytest_rest.log" $PY -m pytest -v -rfE -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
+step "pytest not gpu" 50 "$OUT/pytest_rest.log" $PY -m pytest -v -rfE -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_rest.log" | tee -a "$LOG"
 
 # 5b. end-to-end training steps of the whole model (ViT-B/16, 512 px, B=8, 15 classes): reference vs triton ops,
 #     bf16 and fp32, img/s and peak memory (random weights, synthetic batch; the data pipeline is not timed)
 if [ -z "$DRY" ]; then
-    step "train speed" 90 "$OUT/bench.log" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton
+    step "train speed" 70 "$OUT/bench.log" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton
 else
     step "train speed (tiny, dry run)" 90 "$OUT/bench.log" $PY bench/train_speed.py --tiny --iters 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --out "$OUT/results_train.csv"
 fi
 
 # 6. torch.compile of the official formulation, B=8 (one compile per shape), with whatever time is left
-left=$(( 330 - ($(date +%s) - START) ))
+left=$(( 360 - ($(date +%s) - START) ))
 if [ "$left" -gt 30 ]; then
     step "bench compile" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers compile --batches 8 --budget-s $(( left - 25 )) --rep-ms 50
 else
@@ -137,6 +140,6 @@ r = subprocess.run([sys.executable, "-c", "import cascade_clip.kernels, cascade_
 print((r.stdout + r.stderr).strip()[-400:])
 EOF
 fi
-tail -n 5 "$OUT/.pip.log" >>"$LOG" 2>/dev/null
+tail -n 40 "$OUT/.pip.log" >>"$LOG" 2>/dev/null
 rm -f "$OUT/.pip.log"
 log "done in $(( $(date +%s) - START ))s"

@@ -2,8 +2,8 @@
 
     python bench/render_results.py bench/results_gpu.csv --md OUT.md --png OUT.png
 
-Only the latest run per card is shown (rows are grouped by card and the newest ``date`` of that card). For every case
-the table lists each provider's median time and the Triton kernel's speed-up over eager and torch.compile, its GB/s or
+Only the latest run per card is shown (rows are grouped by card and the newest ``date`` of that card), one table per
+timing ("graph": GPU time only; "launch": host overhead included). For every case the table lists each provider's median time and the Triton kernel's speed-up over eager and torch.compile, its GB/s or
 TFLOP/s, its fraction of the measured copy bandwidth / matmul peak, and the peak memory of eager vs Triton.
 """
 
@@ -19,7 +19,10 @@ from typing import Dict, List
 
 def load(path: str) -> List[Dict[str, str]]:
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:  # CSVs from before the "timing" column were timed with do_bench only
+        r["timing"] = r.get("timing") or "launch"
+    return rows
 
 
 def latest_runs(rows: List[Dict[str, str]]) -> List[Dict[str, str]]:
@@ -33,7 +36,7 @@ def latest_runs(rows: List[Dict[str, str]]) -> List[Dict[str, str]]:
         newest = max(rs, key=lambda r: r["date"])
         for r in rs:
             if r["commit"] == newest["commit"] and r["date"][:13] >= _hour_before(newest["date"]):
-                keep[(card, r["op"], r["variant"], r["shape"], r["dtype"], r["provider"], r["mode"])] = r
+                keep[(card, r["timing"], r["op"], r["variant"], r["shape"], r["dtype"], r["provider"], r["mode"])] = r
     return list(keep.values())
 
 
@@ -54,10 +57,17 @@ def _f(x: str) -> float:
         return float("nan")
 
 
+TIMING_NOTES = {
+    "launch": "one Python call per timed iteration (triton.testing.do_bench, L2 flushed): host overhead counts "
+              "whenever it outlasts the GPU work, as in an eager training loop",
+    "graph": "the calls captured in one CUDA graph and replayed: GPU time only, no L2 flush between calls",
+}
+
+
 def table(rows: List[Dict[str, str]]) -> str:
     cases: Dict[tuple, Dict[str, Dict[str, str]]] = OrderedDict()
     for r in rows:
-        key = (r["card"], r["op"], r["variant"], r["shape"], r["dtype"], r["mode"])
+        key = (r["card"], r["timing"], r["op"], r["variant"], r["shape"], r["dtype"], r["mode"])
         cases.setdefault(key, {})[r["provider"]] = r
     lines = []
     cards = sorted({k[0] for k in cases})
@@ -66,31 +76,36 @@ def table(rows: List[Dict[str, str]]) -> str:
         lines.append(f"### {card} (torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
                      f"{first['date'][:10]}; measured copy {first['copy_gbps_measured']} GB/s)")
         lines.append("")
-        lines.append("| op | shape | dtype | mode | eager ms | compile ms | triton ms | vs eager | vs compile "
-                     "| triton GB/s | triton TFLOP/s | frac copy BW | frac mm peak | peak MiB eager / triton |")
-        lines.append("|" + "---|" * 14)
-        for key, prov in cases.items():
-            if key[0] != card:
-                continue
-            _, op, variant, shape, dtype, mode = key
-            e, c, t = (_f(prov.get(p, {}).get("p50_ms")) for p in ("eager", "compile", "triton"))
-            tr = prov.get("triton", {})
-            name = f"{op} ({variant})" if variant else op
-
-            def ms(x):
-                return "-" if x != x else f"{x:.4f}"
-
-            def ratio(a, b):
-                return "-" if a != a or b != b or b == 0 else f"{a / b:.2f}x"
-
-            lines.append(
-                f"| {name} | {shape} | {dtype} | {mode} | {ms(e)} | {ms(c)} | {ms(t)} | {ratio(e, t)} | {ratio(c, t)} "
-                f"| {tr.get('gbps', '-')} | {tr.get('tflops', '-')} | {tr.get('frac_copy_bw', '-')} "
-                f"| {tr.get('frac_mm_peak', '-')} | {prov.get('eager', {}).get('peak_mem_mib', '-')} / "
-                f"{tr.get('peak_mem_mib', '-')} |"
-            )
-        lines.append("")
+        timings = [t for t in ("graph", "launch") if any(k[0] == card and k[1] == t for k in cases)]
+        for timing in timings:
+            lines.append(f"**{timing} timing**: {TIMING_NOTES.get(timing, timing)}.")
+            lines.append("")
+            lines.append("| op | shape | dtype | mode | eager ms | compile ms | triton ms | vs eager | vs compile "
+                         "| triton GB/s | triton TFLOP/s | frac copy BW | frac mm peak | peak MiB eager / triton |")
+            lines.append("|" + "---|" * 14)
+            for key, prov in cases.items():
+                if key[0] != card or key[1] != timing:
+                    continue
+                _, _, op, variant, shape, dtype, mode = key
+                e, c, t = (_f(prov.get(p, {}).get("p50_ms")) for p in ("eager", "compile", "triton"))
+                tr = prov.get("triton", {})
+                name = f"{op} ({variant})" if variant else op
+                lines.append(
+                    f"| {name} | {shape} | {dtype} | {mode} | {_ms(e)} | {_ms(c)} | {_ms(t)} | {_ratio(e, t)} "
+                    f"| {_ratio(c, t)} | {tr.get('gbps', '-')} | {tr.get('tflops', '-')} | {tr.get('frac_copy_bw', '-')} "
+                    f"| {tr.get('frac_mm_peak', '-')} | {prov.get('eager', {}).get('peak_mem_mib', '-')} / "
+                    f"{tr.get('peak_mem_mib', '-')} |"
+                )
+            lines.append("")
     return "\n".join(lines)
+
+
+def _ms(x: float) -> str:
+    return "-" if x != x else f"{x:.4f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "-" if a != a or b != b or b == 0 else f"{a / b:.2f}x"
 
 
 def plot(rows: List[Dict[str, str]], path: str) -> bool:
@@ -102,6 +117,8 @@ def plot(rows: List[Dict[str, str]], path: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: skipping the plot", file=sys.stderr)
         return False
+    timing = "graph" if any(r["timing"] == "graph" for r in rows) else "launch"
+    rows = [r for r in rows if r["timing"] == timing]
     ops = sorted({r["op"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(ops)), figsize=(6 * max(1, len(ops)), 4.5), squeeze=False)
     for ax, op in zip(axes[0], ops):
@@ -118,7 +135,7 @@ def plot(rows: List[Dict[str, str]], path: str) -> bool:
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=5)
         ax.set_yscale("log")
-        ax.set_ylabel("median ms (log)")
+        ax.set_ylabel(f"median ms, {timing} timing (log)")
         ax.set_title(op)
         ax.legend(fontsize=7)
     fig.tight_layout()

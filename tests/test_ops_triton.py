@@ -343,6 +343,7 @@ def test_compile_fullgraph_real_bf16():
 
 # ---------------------------------------------------------------- benchmark plumbing (CPU side)
 
+@pytest.mark.skipif(HAS_CUDA, reason="the dry run is the CPU stand-in; with a GPU, gpu_check.sh runs the real benchmark")
 def test_bench_script_dry_run(tmp_path):
     """bench/bench_gpu.py --dry-run (interpreter, tiny shapes) appends CSV rows; render_results reads them back."""
     import csv
