@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,6 +50,11 @@
 
 namespace cascade_clip {
 namespace {
+// The ops define their own dtypes (inputs' dtype out, float32 accumulation). Under torch.autocast the ATen matmuls
+// inside these kernels would otherwise be recast to bf16/fp16 and disagree with the buffers allocated around them.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // Elements handled per task. 2048 floats = 8 KiB per tap: the per-tile accumulators stay in L1 while each tap is
 // streamed once. Fixed (never derived from the thread count) so that tiled reductions are deterministic.
@@ -296,6 +302,7 @@ void dispatch_taps(int64_t K, Fn&& fn) {
 }
 
 at::Tensor nga_cpu(const at::Tensor& feats_in, const at::Tensor& weights_in) {
+  const NoAutocast no_autocast;
   check_cpu_float(feats_in, "feats");
   check_cpu_float(weights_in, "weights");
   TORCH_CHECK(feats_in.dim() == 5, "nga: feats must be (S, K, B, N, D), got ", feats_in.sizes());
@@ -328,6 +335,7 @@ at::Tensor nga_cpu(const at::Tensor& feats_in, const at::Tensor& weights_in) {
 // the partials are summed in a fixed order, so the result does not depend on the number of threads.
 std::tuple<at::Tensor, at::Tensor> nga_backward_cpu(const at::Tensor& grad_in, const at::Tensor& feats_in,
                                                     const at::Tensor& weights_in, std::array<bool, 2> mask) {
+  const NoAutocast no_autocast;
   check_cpu_float(grad_in, "grad");
   check_cpu_float(feats_in, "feats");
   check_cpu_float(weights_in, "weights");
@@ -484,6 +492,7 @@ CC_MULTIVERSION void descriptor_forward_rows(const float* text_pad, const float*
 
 at::Tensor descriptor_cpu(const at::Tensor& text, const at::Tensor& g, const at::Tensor& weight,
                           const at::Tensor& bias) {
+  const NoAutocast no_autocast;
   const DescriptorInputs in = prepare_descriptor(text, g, weight, bias);
   const int64_t B = in.B, C = in.C, S = in.S, e = in.e, Se = S * e, d = in.d;
   at::Tensor out = at::empty({S, B, C, e}, g.options());
@@ -650,6 +659,7 @@ CC_MULTIVERSION void sum_parts(const float* parts, float* out, int64_t K, int64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> descriptor_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& text, const at::Tensor& g, const at::Tensor& weight,
     const at::Tensor& bias, std::array<bool, 4> mask) {
+  const NoAutocast no_autocast;
   const DescriptorInputs in = prepare_descriptor(text, g, weight, bias);
   const int64_t B = in.B, C = in.C, S = in.S, e = in.e, d = in.d, Se = S * e;
   check_cpu_float(grad_in, "grad");
@@ -827,6 +837,7 @@ at::Tensor q_hat(const MaskInputs& in, bool normalize) {
 
 std::tuple<at::Tensor, at::Tensor> mask_logits_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale,
                                                    bool normalize) {
+  const NoAutocast no_autocast;
   const MaskInputs in = prepare_mask(q, k, scale);
   const int64_t S = in.S, B = in.B, C = in.C, N = in.N, d = in.d;
   at::Tensor rk = normalize ? row_inv_norms(in.kc, d, in.ct).view({S, B, N}) : at::empty({0}, q.options().dtype(in.ct));
@@ -875,6 +886,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_logits_backward_cpu(const at
                                                                         const at::Tensor& k, const at::Tensor& scale,
                                                                         const at::Tensor& rk_in, bool normalize,
                                                                         std::array<bool, 3> mask) {
+  const NoAutocast no_autocast;
   const MaskInputs in = prepare_mask(q, k, scale);
   const int64_t S = in.S, B = in.B, C = in.C, N = in.N, d = in.d;
   check_cpu_float(grad_in, "grad");

@@ -12,6 +12,9 @@ so a new backend never touches the model. Gradients flow to every floating-point
   -> ``(B, C, N)``; ``sum_s scale[s] * <q_hat[s, b, c], k_hat[s, b, n]>`` where ``x_hat = x / max(|x|, 1e-12)``
   if ``normalize`` else ``x``. The decoder's head-averaged attention logits are this op with
   ``scale = head_dim ** -0.5 / heads``.
+
+The ops ignore ``torch.autocast``: every backend computes from its inputs' dtypes as above (the model casts what it
+passes), so a region under autocast gets the same numbers from every backend as outside it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ __all__ = [
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _without_autocast(fn, device: torch.device, *args):
+    """Call a backend op with autocast off on ``device``: its dtypes are the op's contract, and the ATen matmuls
+    inside the reference and C++ backends would otherwise be recast (a different result, or a dtype clash)."""
+    if torch.is_autocast_enabled(device.type):
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args)
+    return fn(*args)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -63,7 +75,7 @@ def nga(feats: torch.Tensor, weights: torch.Tensor, *, backend: Optional[str] = 
         f"nga: weights must be (S, K) = {tuple(feats.shape[:2])}, got {tuple(weights.shape)}",
     )
     device = _check_same_device(feats=feats, weights=weights)
-    return resolve(backend, device).nga(feats, weights)
+    return _without_autocast(resolve(backend, device).nga, device, feats, weights)
 
 
 def descriptor(
@@ -93,7 +105,7 @@ def descriptor(
         f"descriptor: bias must be (S, e) = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}",
     )
     device = _check_same_device(text=text, g=g, weight=weight, bias=bias)
-    return resolve(backend, device).descriptor(text, g, weight, bias)
+    return _without_autocast(resolve(backend, device).descriptor, device, text, g, weight, bias)
 
 
 def mask_logits(
@@ -123,4 +135,4 @@ def mask_logits(
         scale = scale.expand(q.shape[0])
     _require(scale.shape == (q.shape[0],), f"mask_logits: scale must be a float or (S,) = ({q.shape[0]},), got {tuple(scale.shape)}")
     device = _check_same_device(q=q, k=k, scale=scale)
-    return resolve(backend, device).mask_logits(q, k, scale, bool(normalize))
+    return _without_autocast(resolve(backend, device).mask_logits, device, q, k, scale, bool(normalize))
