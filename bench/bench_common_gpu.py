@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_ops  # noqa: E402  (bench/ is a folder of scripts, not a package)
+from provenance import git_commit  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -319,11 +319,7 @@ def measure_peaks(device: str) -> Dict[str, float]:
 def environment(device: str) -> Dict[str, str]:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = git_commit()
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

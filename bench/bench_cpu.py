@@ -15,7 +15,6 @@ import csv
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import warnings
 
@@ -26,21 +25,13 @@ from torch.utils.benchmark import Timer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common_cpu as common  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from cascade_clip.info import cpu_name  # noqa: E402
 
 FIELDS = [
     "date", "git_commit", "cpu", "threads", "torch", "op", "provider", "mode", "shape", "dtype",
     "median_ms", "iqr_ms", "p20_ms", "p80_ms", "runs", "peak_mem_mb", "load_avg",
 ]
-
-
-def git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def peak_memory_mb(step) -> float:

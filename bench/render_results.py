@@ -108,6 +108,76 @@ def _ratio(a: float, b: float) -> str:
     return "-" if a != a or b != b or b == 0 else f"{a / b:.2f}x"
 
 
+# The issue's targets (bf16, B=8): (op, mode) -> minimum speed-ups over eager and torch.compile, and NGA's fraction of
+# the measured copy bandwidth. Judged on "graph" timing (the kernels' GPU time) when the run has it.
+TARGETS = {
+    ("nga", "fwd+bwd"): {"eager": 3.0, "compile": 1.3, "frac_copy_bw": 0.85},
+    ("descriptor", "fwd"): {"eager": 2.0, "compile": 1.2},
+    ("descriptor", "fwd+bwd"): {"eager": 2.0, "compile": 1.2},
+    ("mask_logits", "fwd"): {"eager": 2.0, "compile": 1.2},
+    ("mask_logits", "fwd+bwd"): {"eager": 2.0, "compile": 1.2},
+}
+MASK_MEMORY_FRACTION = 1 / 8  # mask-logits peak memory <= 1/8 of the eager per-head formulation (forward)
+
+
+def targets(rows: List[Dict[str, str]], dtype: str = "bf16", batch: int = 8) -> str:
+    """Markdown: each target case of the latest run, the measured ratios under both timings, and whether it is met."""
+    lines = []
+    for card in sorted({r["card"] for r in rows}):
+        sub = [r for r in rows if r["card"] == card and r["dtype"] == dtype and f",B{batch}," in f",{r['shape']},"]
+        by = {(r["timing"], r["op"], r["variant"], r["shape"], r["mode"], r["provider"]): r for r in sub}
+        timing = "graph" if any(k[0] == "graph" for k in by) else "launch"
+        lines.append(f"#### Targets on {card}, {dtype}, B={batch} (met/missed judged on {timing} timing)")
+        lines.append("")
+        lines.append("| op | shape | mode | vs eager (graph) | vs compile (graph) | vs eager (launch) | vs compile (launch) "
+                     "| frac copy BW | peak MiB eager / triton | target | status |")
+        lines.append("|" + "---|" * 11)
+        cases = OrderedDict.fromkeys((r["op"], r["variant"], r["shape"], r["mode"]) for r in sub)
+        for op, variant, shape, mode in cases:
+            goal = TARGETS.get((op, mode))
+            if goal is None:
+                continue
+
+            def p50(t, prov):
+                return _f(by.get((t, op, variant, shape, mode, prov), {}).get("p50_ms"))
+
+            ratios = {(t, prov): p50(t, prov) / p50(t, "triton") for t in ("graph", "launch") for prov in ("eager", "compile")}
+            tr = by.get((timing, op, variant, shape, mode, "triton"), {})
+            eager_row = by.get((timing, op, variant, shape, mode, "eager"), {})
+            checks, missing = [], []
+            for prov in ("eager", "compile"):
+                value = ratios[(timing, prov)]
+                if value != value:
+                    missing.append(prov)
+                else:
+                    checks.append(value >= goal[prov])
+            frac = _f(tr.get("frac_copy_bw"))
+            if "frac_copy_bw" in goal:
+                checks.append(frac >= goal["frac_copy_bw"]) if frac == frac else missing.append("bandwidth")
+            peak_e, peak_t = _f(eager_row.get("peak_mem_mib")), _f(tr.get("peak_mem_mib"))
+            if op == "mask_logits" and mode == "fwd" and peak_e == peak_e and peak_t == peak_t:
+                checks.append(peak_t <= peak_e * MASK_MEMORY_FRACTION)
+            goal_text = ", ".join(
+                [f">= {goal['eager']}x eager", f">= {goal['compile']}x compile"]
+                + ([f">= {goal['frac_copy_bw']:.0%} copy BW"] if "frac_copy_bw" in goal else [])
+                + (["peak <= 1/8 eager"] if op == "mask_logits" and mode == "fwd" else [])
+            )
+            status = "missed" if not all(checks) else ("met" if not missing else "met so far")
+            if missing:
+                status += f" ({', '.join(missing)} not measured)"
+            name = f"{op} ({variant})" if variant else op
+            lines.append(
+                f"| {name} | {shape} | {mode} | {_ratio(p50('graph', 'eager'), p50('graph', 'triton'))} "
+                f"| {_ratio(p50('graph', 'compile'), p50('graph', 'triton'))} "
+                f"| {_ratio(p50('launch', 'eager'), p50('launch', 'triton'))} "
+                f"| {_ratio(p50('launch', 'compile'), p50('launch', 'triton'))} "
+                f"| {tr.get('frac_copy_bw', '-') if op == 'nga' else '-'} | {eager_row.get('peak_mem_mib', '-')} / "
+                f"{tr.get('peak_mem_mib', '-')} | {goal_text} | {status} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(rows: List[Dict[str, str]], path: str) -> bool:
     try:
         import matplotlib
@@ -156,7 +226,7 @@ def main(argv=None) -> int:
         return 1
     if not args.all:
         rows = latest_runs(rows)
-    md = table(rows)
+    md = targets(rows) + "\n" + table(rows)
     if args.md:
         with open(args.md, "w") as f:
             f.write(md + "\n")

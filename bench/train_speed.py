@@ -4,8 +4,11 @@
     python bench/train_speed.py --tiny --iters 2 --warmup 1 --out /tmp/t.csv   # CPU smoke run (cascade-tiny, 64 px)
 
 Random weights and a synthetic batch (the data pipeline is not timed), the VOC inductive shapes: 15 seen classes.
-Every backend runs on the same model, inputs and precision, side by side in one process, so their img/s ratios are
-comparable; rows (img/s, median step time, peak memory, card, versions, commit, date) are appended to a CSV.
+Every configuration (precision x backend x ``--compile`` mode) runs on the same model and inputs in one process, in
+interleaved rounds, so their img/s ratios are comparable; rows (img/s, median step time over all rounds, peak memory,
+card, versions, commit, date) are appended to a CSV.
+
+    python bench/train_speed.py --out OUT.csv --backends reference,triton --compile none,default   # eager vs compiled
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import csv
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -24,16 +26,13 @@ import torch.nn.functional as F
 
 from cascade_clip import CascadeCLIP, ModelConfig, ops
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import git_commit  # noqa: E402
+
 FIELDS = [
     "date", "git_commit", "device", "torch", "triton", "model", "img_size", "batch", "classes", "precision",
-    "backend", "median_step_ms", "img_per_s", "peak_mem_mb", "steps",
+    "backend", "compile", "median_step_ms", "img_per_s", "peak_mem_mb", "steps",
 ]
-
-
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def device_name(device: torch.device) -> str:
@@ -49,21 +48,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(model, optimizer, images, text, labels, *, precision: str, steps: int, device: torch.device):
-    """Median seconds of ``steps`` training steps."""
+def run_steps(net, model, optimizer, images, text, labels, *, precision: str, steps: int, device: torch.device):
+    """Seconds of each of ``steps`` training steps (forward through ``net``, the official loss, backward, AdamW)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     for _ in range(steps):
         synchronize(device)
         start = time.perf_counter()
         with autocast:
-            loss = model.loss(model(images, text), labels)["loss"]
+            loss = model.loss(net(images, text), labels)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def main(argv=None) -> None:
@@ -71,11 +70,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="CSV file to append rows to")
     parser.add_argument("--tiny", action="store_true", help="cascade-tiny at 64 px (a CPU smoke run)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per backend")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over all configurations; each round runs every configuration in turn, so a "
+                             "drift of the machine (clocks, other load) falls on all of them alike")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precisions", default="bf16,fp32")
     parser.add_argument("--backends", default=None, help="comma list (default: every available backend)")
+    parser.add_argument("--compile", default="none",
+                        help="comma list of torch.compile modes of the forward: none, default, reduce-overhead")
     args = parser.parse_args(argv)
+    modes = [m for m in args.compile.split(",") if m]
+    for mode in modes:
+        if mode not in ("none", "default", "reduce-overhead"):
+            parser.error(f"unknown --compile mode {mode!r}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides = dict(clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4) if args.tiny else {}
@@ -96,26 +104,47 @@ def main(argv=None) -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
-    rows = []
-    for precision in args.precisions.split(","):
-        for backend in backends:
+    # one compiled wrapper per (backend, mode): the backend is read while tracing, so each gets its own graphs
+    configs = [(p, b, m) for p in args.precisions.split(",") for b in backends for m in modes]
+    nets, peaks = {}, {}
+    for precision, backend, mode in configs:  # warm-up (and compile) each configuration, recording peak memory
+        ops.set_backend(backend)
+        net = model if mode == "none" else torch.compile(model, mode=None if mode == "default" else mode)
+        nets[(precision, backend, mode)] = net
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run_steps(net, model, optimizer, images, text, labels, precision=precision, steps=args.warmup, device=device)
+        peaks[(precision, backend, mode)] = (torch.cuda.max_memory_allocated(device) / 2**20
+                                             if device.type == "cuda" else float("nan"))
+    times = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for config in configs:
+            precision, backend, _mode = config
             ops.set_backend(backend)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            time_steps(model, optimizer, images, text, labels, precision=precision, steps=args.warmup, device=device)
-            step = time_steps(model, optimizer, images, text, labels, precision=precision, steps=args.iters, device=device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            row = dict(
-                date=datetime.date.today().isoformat(), git_commit=git_commit(), device=device_name(device),
-                torch=torch.__version__, triton=triton_version, model=cfg.clip_model, img_size=size, batch=args.batch,
-                classes=len(cfg.seen), precision=precision, backend=backend, median_step_ms=f"{step * 1e3:.2f}",
-                img_per_s=f"{args.batch / step:.1f}", peak_mem_mb=f"{peak:.0f}", steps=args.iters,
-            )
-            rows.append(row)
-            print(f"{precision:5s} {backend:10s} {row['median_step_ms']:>9s} ms/step {row['img_per_s']:>8s} img/s "
-                  f"peak {row['peak_mem_mb']} MiB", flush=True)
+            times[config] += run_steps(nets[config], model, optimizer, images, text, labels, precision=precision,
+                                       steps=args.iters, device=device)
     ops.set_backend("auto")
-    new_file = not os.path.exists(args.out)
+
+    rows = []
+    for config in configs:
+        precision, backend, mode = config
+        step = statistics.median(times[config])
+        row = dict(
+            date=datetime.date.today().isoformat(), git_commit=git_commit(), device=device_name(device),
+            torch=torch.__version__, triton=triton_version, model=cfg.clip_model, img_size=size, batch=args.batch,
+            classes=len(cfg.seen), precision=precision, backend=backend, compile=mode,
+            median_step_ms=f"{step * 1e3:.2f}", img_per_s=f"{args.batch / step:.1f}",
+            peak_mem_mb=f"{peaks[config]:.0f}", steps=len(times[config]),
+        )
+        rows.append(row)
+        print(f"{precision:5s} {backend:10s} compile={mode:15s} {row['median_step_ms']:>9s} ms/step "
+              f"{row['img_per_s']:>8s} img/s peak {row['peak_mem_mb']} MiB", flush=True)
+    new_file = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
+    if not new_file:
+        with open(args.out, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            raise SystemExit(f"{args.out} has another header {header}; write to a new file")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

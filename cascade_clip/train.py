@@ -231,6 +231,9 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
+        if cfg.train.compile != "none":
+            # the forward only (loss and optimizer stay eager); `model` stays uncompiled for checkpoints and eval
+            net = torch.compile(net, mode=None if cfg.train.compile == "default" else cfg.train.compile)
         accum = cfg.train.grad_accum
         stream = BatchStream(dataset, batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size,
                              seed=cfg.train.seed, num_workers=cfg.data.num_workers, consumed=start * accum,
@@ -240,7 +243,8 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         say(f"{len(dataset)} training images, {num_classes} classes ({len(mcfg.seen)} seen), "
             f"{'transductive' if cfg.train.transductive else 'inductive'}; {trainable:,} parameters optimised; "
             f"{info.world_size} process(es) on {device.type}, {images_per_iter} images/iteration, "
-            f"precision {cfg.train.precision if dtype else 'fp32'}, kernels {ops.get_backend()}")
+            f"precision {cfg.train.precision if dtype else 'fp32'}, kernels {ops.get_backend()}, "
+            f"compile {cfg.train.compile}")
 
         def evaluate(tag: str):
             metrics = evaluate_model(

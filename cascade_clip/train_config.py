@@ -53,6 +53,9 @@ class OptimConfig:
     grad_clip: Optional[float] = None  # official: none
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
 @dataclass
 class TrainSection:
     iters: int = 20000  # optimiser steps
@@ -61,6 +64,9 @@ class TrainSection:
     transductive: bool = False  # self-training with pseudo-labels for unseen pixels (the -st presets)
     precision: str = "bf16"  # bf16 (autocast, GPU only; fp32 on CPU), fp16 (autocast + GradScaler), fp32
     kernels: str = "auto"  # ops backend: auto, triton, cpp, reference
+    # torch.compile of the forward: none, default, or reduce-overhead (CUDA graphs). A bf16 step of the small head is
+    # partly host-bound (Python and launch overhead), which compiling removes; the eager path stays the default.
+    compile: str = "none"
     seed: int = 0  # model init uses it on every rank; rank r then runs with seed + r (dropout)
     work_dir: str = "work_dirs/run"
     checkpoint_interval: int = 2000  # iterations between checkpoints (and the last one always)
@@ -249,6 +255,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.precision must be bf16, fp16 or fp32, got {t.precision!r}")
     if t.kernels not in ("auto", "triton", "cpp", "reference"):
         raise ValueError(f"train.kernels must be auto, triton, cpp or reference, got {t.kernels!r}")
+    if t.compile not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     if o.lr <= 0 or o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1:
         raise ValueError(f"optim: lr {o.lr}, warmup_iters {o.warmup_iters}, warmup_ratio {o.warmup_ratio} invalid")
     if cfg.data.templates not in ("single", "multi"):
