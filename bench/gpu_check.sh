@@ -6,11 +6,12 @@
 # Made for a fresh GPU machine without network (python3 with torch, triton, pytest, pytest-benchmark; maybe no
 # open_clip or torchvision). Missing wheels come from ./wheels (git-ignored; filled on a networked machine with
 # `pip download --no-deps open_clip_torch==3.3.0 ftfy wcwidth -d wheels/`). Every step runs under `timeout`, is logged,
-# and a failing step does not stop the next, so partial results still come back. Total under 7.5 minutes
-# (run it with a device timeout of about 480 s).
+# and a failing step does not stop the next, so partial results still come back. Total under 8 minutes
+# (run it with a device timeout of about 500 s).
 # At most 8 files are written to OUT_DIR (the device tool returns at most 8):
-#   gpu_check.log  pytest_gpu.log  pytest_rest.log  bench.log  results_gpu.csv  results_gpu.md  results_gpu.png
+#   gpu_check.log  pytest_gpu.log  bench.log  results_gpu.csv  results_gpu.md  results_gpu.png
 #   results_train.csv (whole-model training steps, bench/train_speed.py)
+#   results_pipeline.csv (the training pipeline end to end, bench/pipeline_run.py)
 set -u
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
@@ -103,8 +104,8 @@ else
 fi
 
 # 3c. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
-step "pytest not gpu" 45 "$OUT/pytest_rest.log" $PY -m pytest -v -rfE $XDIST -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
-tail -n 3 "$OUT/pytest_rest.log" | tee -a "$LOG"
+step "pytest not gpu" 45 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
+tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 # 4. kernel benchmark at B=8 (the targets): eager official formulation vs Triton, launch and CUDA-graph timings, then
 #    torch.compile of the official formulation (one compile per shape); rows appended as they come
@@ -116,7 +117,10 @@ step "bench compile B=8" 100 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out 
 #    interleaved rounds, img/s and peak memory
 if [ -z "$DRY" ]; then
     step "train speed" 50 "$OUT/bench.log" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton --rounds 2
-    left=$(( 400 - ($(date +%s) - START) ))
+    # 5b. the training pipeline end to end (issue 5): VOC preset, an OpenAI-format CLIP file with random weights,
+    #     procedural VOC-layout data at VOC's sizes, data-loader workers, 300 iterations, checkpoint, evaluation
+    step "pipeline run" 100 "$OUT/bench.log" $PY bench/pipeline_run.py --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --iters 300
+    left=$(( 420 - ($(date +%s) - START) ))
     if [ "$left" -gt 60 ]; then
         step "train speed compiled" "$left" "$OUT/bench.log" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends triton,reference --precisions bf16 --compile none,default --rounds 2
     else
@@ -124,10 +128,11 @@ if [ -z "$DRY" ]; then
     fi
 else
     step "train speed (tiny, dry run)" 90 "$OUT/bench.log" $PY bench/train_speed.py --tiny --iters 1 --rounds 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --out "$OUT/results_train.csv"
+    step "pipeline run (tiny, dry run)" 90 "$OUT/bench.log" $PY bench/pipeline_run.py --tiny --iters 2 --num-workers 0 --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --set train.eval_at_end=false
 fi
 
 # 6. the other batch sizes with whatever time is left
-left=$(( 410 - ($(date +%s) - START) ))
+left=$(( 430 - ($(date +%s) - START) ))
 if [ "$left" -gt 20 ]; then
     step "bench eager+triton B=4,16" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --batches 4,16 --budget-s $(( left - 15 )) --rep-ms 50
 else

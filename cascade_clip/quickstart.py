@@ -22,14 +22,14 @@ from .train_config import resolve
 EMBED_DIM = 64  # cascade-tiny's embedding width
 
 
-def write_class_embeddings(path: str, num_classes: int, seed: int = 0) -> str:
-    """Fixed random unit vectors, one row per class (nearly orthogonal in 64 dimensions)."""
+def write_class_embeddings(path: str, num_classes: int, seed: int = 0, dim: int = EMBED_DIM) -> str:
+    """Fixed random unit vectors of width ``dim``, one row per class (nearly orthogonal in 64 or more dimensions)."""
     import numpy as np
     import torch
 
     from .text import save_embeddings
 
-    rows = np.random.default_rng(seed).standard_normal((num_classes, EMBED_DIM))
+    rows = np.random.default_rng(seed).standard_normal((num_classes, dim))
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     save_embeddings(path, torch.from_numpy(rows.astype(np.float32)))
     return path

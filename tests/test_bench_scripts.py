@@ -1,4 +1,4 @@
-"""The whole-model training-speed benchmark runs and appends rows (tiny CPU smoke run; no timing asserted)."""
+"""The whole-model benchmarks run and append rows (tiny CPU smoke runs; no timing asserted)."""
 
 import csv
 import os
@@ -16,3 +16,16 @@ def test_train_speed_smoke(tmp_path):
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 2 and all(r["backend"] == "reference" and float(r["img_per_s"]) > 0 for r in rows)
+
+
+def test_pipeline_run_smoke(tmp_path):
+    """bench/pipeline_run.py: synthetic VOC-layout data + an OpenAI-format (TorchScript) CLIP file -> the real
+    training pipeline -> one CSV row per run."""
+    out, csv_path = tmp_path / "run", tmp_path / "pipeline.csv"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "pipeline_run.py"), "--tiny", "--iters", "2", "--num-workers", "0",
+           "--out", str(out), "--csv", str(csv_path), "--set", "train.eval_at_end=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 1 and rows[0]["clip_model"] == "cascade-tiny" and float(rows[0]["img_per_s"]) > 0
+    assert (out / "cascade-tiny-openai-format.pt").exists() and (out / "train" / "latest.pt").exists()
