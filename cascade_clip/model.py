@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .backbone import VPTBackbone
 from .clip_arch import create_clip
 from .config import ModelConfig
@@ -66,6 +67,9 @@ class CascadeCLIP(nn.Module):
         self.embed_dim = self.backbone.proj.shape[1]
         self.head = head if head is not None else build_head(cfg, self.embed_dim)
         self._freeze_clip()
+        # Load the ops backends now: their first load takes a lock and imports modules, which torch.compile cannot
+        # trace, so it must not happen inside a compiled forward.
+        ops.available_backends()
 
     def _freeze_clip(self) -> None:
         # Official rule (exclude_key='prompt'): in the backbone only names containing "prompt" train.

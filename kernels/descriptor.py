@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import block_size, contiguous, dot_precision, num_warps
+from .launch import block_size, cdiv, contiguous, dot_precision, num_warps
 
 # Tile caps: (C, e) tiles of 64x64 with K-slices of 64 keep the fp32 accumulator at 16 registers/thread at 8 warps.
 _CAP_C, _CAP_E, _CAP_K = 64, 64, 64
@@ -268,9 +268,9 @@ _TARGET_PROGRAMS = 256
 
 def _image_groups(tiles: int, B: int) -> tuple:
     """``(groups, images_per_program)`` for ``tiles`` programs per image group."""
-    groups = max(1, min(B, triton.cdiv(_TARGET_PROGRAMS, max(tiles, 1))))
-    per = triton.cdiv(B, groups)
-    return triton.cdiv(B, per), per
+    groups = max(1, min(B, cdiv(_TARGET_PROGRAMS, max(tiles, 1))))
+    per = cdiv(B, groups)
+    return cdiv(B, per), per
 
 
 def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -285,7 +285,7 @@ def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
     cd = _compute_dtype(text, g, weight)
     text, g, weight, bias = (contiguous(t.to(cd)) for t in (text, g, weight, bias))
     bc, be, bk = _blocks(C, E, D)
-    tiles = triton.cdiv(C, bc) * triton.cdiv(E, be)
+    tiles = cdiv(C, bc) * cdiv(E, be)
     groups, per = _image_groups(tiles * S, B)
     _descriptor_fwd_kernel[(tiles, S, groups)](
         text, g, weight, bias, out, B, C, E, D,
@@ -309,11 +309,11 @@ def descriptor_backward(grad, text, g, weight, bias):
     gsum = grad.sum(dim=1, dtype=torch.float32)  # (S, C, e): the text half sees the sum over images
     d_bias = gsum.sum(dim=1).to(bias.dtype)
     bc, be, bk = _blocks(C, E, D)
-    num_c = triton.cdiv(C, bc)
+    num_c = cdiv(C, bc)
     warps = num_warps(bc * bk)
     precision = dot_precision(cd)
 
-    tiles = num_c * triton.cdiv(D, bk)
+    tiles = num_c * cdiv(D, bk)
     groups, per = _image_groups(tiles * S, B)
     dtext_part = torch.empty((S, groups, C, D), dtype=torch.float32, device=dev)
     dg_part = torch.empty((S, num_c, B, D), dtype=torch.float32, device=dev)
@@ -326,7 +326,7 @@ def descriptor_backward(grad, text, g, weight, bias):
     d_g = dg_part.sum(dim=(0, 1)).to(g.dtype)
 
     d_weight = torch.empty((S, E, 2 * D), dtype=weight.dtype, device=dev)
-    _descriptor_bwd_w_kernel[(triton.cdiv(E, be) * 2 * triton.cdiv(D, bk), S)](
+    _descriptor_bwd_w_kernel[(cdiv(E, be) * 2 * cdiv(D, bk), S)](
         grad, gsum, text_c, g_c, d_weight, B, C, E, D,
         *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(),
         BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=precision, num_warps=num_warps(be * bk),
@@ -370,6 +370,24 @@ def _backward(ctx, grad):
 descriptor_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _DescriptorFunction(torch.autograd.Function):
+    """The eager path: the same launchers as the custom op, without its dispatch (see :func:`descriptor`)."""
+
+    @staticmethod
+    def forward(ctx, text, g, weight, bias):
+        ctx.save_for_backward(text, g, weight, bias)
+        return descriptor_forward(text, g, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return descriptor_backward(grad, *ctx.saved_tensors)
+
+
 def descriptor(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Backend entry point: text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)``."""
-    return descriptor_op(text, g, weight, bias)
+    """Backend entry point: text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)``.
+
+    The custom op under ``torch.compile``, an ``autograd.Function`` over the same launchers in eager mode (no
+    custom-op dispatch on the host)."""
+    if torch.compiler.is_compiling():
+        return descriptor_op(text, g, weight, bias)
+    return _DescriptorFunction.apply(text, g, weight, bias)

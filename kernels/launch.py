@@ -21,6 +21,18 @@ MAX_ELEMENTWISE_BLOCK = 4096
 MIN_DOT_BLOCK = 16
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python ints. Launchers use this, not ``triton.cdiv``: in Triton 3.x that is a constexpr
+    function whose Python-side call unwraps its arguments, several microseconds per call, and the launchers make
+    about twenty such calls per forward + backward."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``); a plain-Python ``triton.next_power_of_2``."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def is_interpreter() -> bool:
     """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``), where autotuning is switched off."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -28,7 +40,7 @@ def is_interpreter() -> bool:
 
 def block_size(n: int, cap: int, floor: int = MIN_DOT_BLOCK) -> int:
     """Next power of two of ``n``, clamped to ``[floor, cap]`` (both powers of two)."""
-    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+    return max(floor, min(cap, next_power_of_2(max(int(n), 1))))
 
 
 def num_warps(tile_elements: int) -> int:
@@ -36,7 +48,7 @@ def num_warps(tile_elements: int) -> int:
 
     Never more than 8: 16 or 32 warps hurt occupancy on sm80 and are not portable (Liger removed its hard-coded 32).
     """
-    warps = triton.next_power_of_2(max(1, tile_elements // (32 * 32)))
+    warps = next_power_of_2(max(1, tile_elements // (32 * 32)))
     return max(1, min(8, warps))
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, block_size, contiguous, dot_precision, num_warps
+from .launch import autotune_configs, block_size, cdiv, contiguous, dot_precision, next_power_of_2, num_warps
 
 # a tl.constexpr global: compiled Triton (unlike its interpreter) refuses plain Python globals inside @jit code
 EPS = tl.constexpr(1e-12)
@@ -53,7 +53,7 @@ def _prune_configs(configs, named_args, **kwargs):
     C, D = named_args["C"], named_args["D"]
     keep = [
         cfg for cfg in configs
-        if cfg.kwargs["BLOCK_C"] <= max(16, triton.next_power_of_2(C)) and cfg.kwargs["BLOCK_D"] <= max(16, triton.next_power_of_2(D))
+        if cfg.kwargs["BLOCK_C"] <= max(16, next_power_of_2(C)) and cfg.kwargs["BLOCK_D"] <= max(16, next_power_of_2(D))
     ]
     return keep or configs[-1:]
 
@@ -338,7 +338,7 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     bd = block_size(D, 128)
     br = block_size(R, max(16, 4096 // bd))
-    _row_norm_kernel[(triton.cdiv(R, br),)](x, out, R, D, BLOCK_R=br, BLOCK_D=bd, num_warps=num_warps(br * bd))
+    _row_norm_kernel[(cdiv(R, br),)](x, out, R, D, BLOCK_R=br, BLOCK_D=bd, num_warps=num_warps(br * bd))
     return out
 
 
@@ -356,7 +356,7 @@ def mask_logits_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, n
     q, k, scale = contiguous(q.to(cd)), contiguous(k.to(cd)), contiguous(scale)
 
     def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(N, meta["BLOCK_N"]), B)
+        return (cdiv(C, meta["BLOCK_C"]) * cdiv(N, meta["BLOCK_N"]), B)
 
     _mask_logits_fwd_kernel[grid](q, k, scale, out, S, B, C, N, D, NORMALIZE=bool(normalize), PRECISION=dot_precision(cd))
     return out
@@ -376,7 +376,7 @@ def mask_logits_backward(grad, q, k, scale, normalize: bool):
     precision = dot_precision(cd)
     if normalize:
         qn, kn = _row_norms(q_c), _row_norms(k_c)
-        num_n = triton.cdiv(N, bn)
+        num_n = cdiv(N, bn)
         rdq_part = torch.empty((S, B, num_n, C), dtype=torch.float32, device=dev)
         rdk = torch.empty((S, B, N), dtype=torch.float32, device=dev)
         _rowdot_kernel[(num_n, S * B)](
@@ -387,7 +387,7 @@ def mask_logits_backward(grad, q, k, scale, normalize: bool):
     else:  # the kernels skip these loads; any float32 buffer will do as the pointer
         qn = kn = rdq = rdk = torch.empty(1, dtype=torch.float32, device=dev)
 
-    num_c, num_d = triton.cdiv(C, bc), triton.cdiv(D, bd)
+    num_c, num_d = cdiv(C, bc), cdiv(D, bd)
     dq = torch.empty((S, B, C, D), dtype=q.dtype, device=dev)
     dscale_part = torch.empty((S, B * num_c * num_d), dtype=torch.float32, device=dev)
     _mask_logits_bwd_q_kernel[(num_c * num_d, S * B)](
@@ -396,7 +396,7 @@ def mask_logits_backward(grad, q, k, scale, normalize: bool):
         num_warps=num_warps(bc * bd),
     )
     dk = torch.empty((S, B, N, D), dtype=k.dtype, device=dev)
-    _mask_logits_bwd_k_kernel[(triton.cdiv(N, bn) * num_d, S * B)](
+    _mask_logits_bwd_k_kernel[(cdiv(N, bn) * num_d, S * B)](
         grad, q_c, k_c, scale_c, qn, kn, rdk, dk, B, C, N, D,
         NORMALIZE=bool(normalize), PRECISION=precision, BLOCK_C=bc, BLOCK_N=bn, BLOCK_D=bd,
         num_warps=num_warps(bn * bd),
@@ -444,6 +444,27 @@ def _backward(ctx, grad):
 mask_logits_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _MaskLogitsFunction(torch.autograd.Function):
+    """The eager path: the same launchers as the custom op, without its dispatch (see :func:`mask_logits`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, normalize):
+        ctx.save_for_backward(q, k, scale)
+        ctx.normalize = normalize
+        return mask_logits_forward(q, k, scale, normalize)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, scale = ctx.saved_tensors
+        dq, dk, d_scale = mask_logits_backward(grad, q, k, scale, ctx.normalize)
+        return dq, dk, d_scale, None
+
+
 def mask_logits(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Backend entry point: q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale ``(S,)`` -> ``(B, C, N)``."""
-    return mask_logits_op(q, k, scale, bool(normalize))
+    """Backend entry point: q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale ``(S,)`` -> ``(B, C, N)``.
+
+    The custom op under ``torch.compile``, an ``autograd.Function`` over the same launchers in eager mode (no
+    custom-op dispatch on the host)."""
+    if torch.compiler.is_compiling():
+        return mask_logits_op(q, k, scale, bool(normalize))
+    return _MaskLogitsFunction.apply(q, k, scale, bool(normalize))

@@ -268,9 +268,55 @@ def test_opcheck_mask_logits(normalize):
     torch.library.opcheck(mask_logits_op, (q, k, scale, normalize))
 
 
+@pytest.mark.parametrize("op", ["nga", "descriptor", "mask_logits"])
+def test_eager_path_equals_custom_op(op):
+    """In eager mode the backend calls an autograd.Function (no custom-op dispatch); under torch.compile it calls the
+    custom op. Both run the same launchers: outputs and every gradient are bitwise equal."""
+    from cascade_clip.kernels import descriptor as descriptor_mod, mask_logits as mask_mod, nga as nga_mod
+
+    if op == "nga":
+        inputs, eager, custom = [_randn(2, 3, 1, 5, 7), torch.rand(2, 3, device=DEVICE)], nga_mod.nga, nga_mod.nga_op
+    elif op == "descriptor":
+        inputs = _descriptor_inputs(3, 16, 2, 2, 17, torch.float32)
+        eager, custom = descriptor_mod.descriptor, descriptor_mod.descriptor_op
+    else:
+        inputs = [_randn(2, 1, 3, 16), _randn(2, 1, 7, 16), torch.rand(2, device=DEVICE)]
+        eager = lambda q, k, s: mask_mod.mask_logits(q, k, s, True)  # noqa: E731
+        custom = lambda q, k, s: mask_mod.mask_logits_op(q, k, s, True)  # noqa: E731
+    a, b = _leaves(inputs), _leaves(inputs)
+    ya, yb = eager(*a), custom(*b)
+    assert torch.equal(ya, yb)
+    cot = torch.randn_like(ya)
+    ya.backward(cot)
+    yb.backward(cot)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x.grad, y.grad), f"{op}: gradient {i} differs between the eager path and the custom op"
+
+
+def test_first_use_inside_compile_is_named():
+    """A backend whose first use is inside torch.compile(fullgraph=True) cannot load there (a lock, an import): the
+    error says what to do. A fresh process, so that no earlier test has loaded the backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from cascade_clip import ops\n"
+        "f = torch.compile(lambda x: ops.nga(x, torch.ones(x.shape[:2]), backend='triton'), fullgraph=True,"
+        " backend='eager')\n"
+        "try:\n    f(torch.randn(2, 3, 1, 4, 16))\nexcept Exception as e:\n    print(e)\n"
+        "ops.available_backends()\n"
+        "print('after loading:', tuple(f(torch.randn(2, 3, 1, 4, 16)).shape))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "first used inside torch.compile" in proc.stdout and "available_backends()" in proc.stdout, proc.stderr[-2000:]
+    assert "after loading: (2, 1, 4, 16)" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_compile_fullgraph():
     """The three ops inside one compiled function, forward and backward, with no graph break."""
     torch._dynamo.reset()
+    ops.available_backends()  # backends load outside the traced code (test_first_use_inside_compile_is_named)
 
     def head(feats, weights, text, g, weight, bias, k, scale):
         fused = ops.nga(feats, weights, backend="triton")  # (S, B, N, D)
@@ -284,8 +330,18 @@ def test_compile_fullgraph():
         _randn(S, B, N, D), torch.rand(S, device=DEVICE),
     ]
     eager_in, comp_in = _leaves(inputs), _leaves(inputs)
-    compiled = torch.compile(head, fullgraph=True)
+    seen_ops = set()
+
+    def recording_backend(gm, example_inputs):  # dynamo must see the three custom ops, not trace into launchers
+        seen_ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(head, fullgraph=True, backend=recording_backend)
     y_c = compiled(*comp_in)
+    for name in ("nga", "descriptor", "mask_logits"):
+        assert f"cascade_clip_triton.{name}.default" in seen_ops, (name, sorted(seen_ops))
     y_e = head(*eager_in)
     _assert_close("compiled output", y_c, y_e, torch.float32)
     y_c.sum().backward()

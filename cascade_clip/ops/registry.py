@@ -53,6 +53,7 @@ _backends: Dict[str, Backend] = {
 }
 _failed: Dict[str, str] = {}
 _default: Optional[str] = None
+_auto_choice: Dict[str, Backend] = {}  # device type -> the backend "auto" resolved to
 
 
 def _try_load(name: str) -> Optional[Backend]:
@@ -60,6 +61,12 @@ def _try_load(name: str) -> Optional[Backend]:
         return _backends[name]
     if name in _failed or name not in _LOADERS:
         return None
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace a lock or a module import; a backend must be loaded before its first traced call
+        raise RuntimeError(
+            f"cascade_clip.ops: the {name!r} backend is first used inside torch.compile; call "
+            "cascade_clip.ops.available_backends() (or any op) once before compiling (CascadeCLIP does this itself)"
+        )
     module_name, func_name = _LOADERS[name].split(":")
     with _lock:
         if name in _backends:
@@ -120,11 +127,20 @@ def get_backend() -> str:
 
 def resolve(name: Optional[str], device: torch.device) -> Backend:
     """The backend that serves a call with ``backend=name`` on tensors of ``device``."""
-    name = get_backend() if name is None else _check_name(name)
+    if name is None:
+        name = get_backend()
+    # fast path (every op call goes through here): a loaded backend by name, or the cached choice of "auto"
+    loaded = _backends.get(name) if name != AUTO else _auto_choice.get(device.type)
+    if loaded is not None:
+        return loaded
+    name = _check_name(name)
     if name != AUTO:
         return _backends[name] if name in _backends else _try_load(name)
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         backend = _try_load(candidate)
         if backend is not None and device.type in backend.devices:
-            return backend
-    return _backends["reference"]
+            break
+    else:
+        backend = _backends["reference"]
+    _auto_choice[device.type] = backend  # backends never unload and failures are final, so the choice is too
+    return backend

@@ -1,0 +1,28 @@
+"""The launch-settings helpers of ``cascade_clip.kernels.launch`` (plain Python, no kernel runs)."""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from cascade_clip.kernels import launch  # noqa: E402
+
+
+def test_cdiv_and_next_power_of_2_match_triton():
+    # the launchers' plain-Python versions must agree with Triton's (slower) constexpr functions
+    for n in range(1, 5000):
+        assert launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300):
+        for b in range(1, 40):
+            assert launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert launch.cdiv(2**40 + 1, 2**20) == 2**20 + 1  # 64-bit sizes stay exact
+    assert launch.next_power_of_2(2**33 + 1) == 2**34
+
+
+def test_block_size_and_warps():
+    assert launch.block_size(1, 64) == 16  # the tl.dot floor
+    assert launch.block_size(17, 64) == 32
+    assert launch.block_size(10_000, 64) == 64  # the cap
+    assert launch.block_size(3, 4096, floor=128) == 128
+    assert launch.num_warps(1) == 1 and launch.num_warps(64 * 64) == 4 and launch.num_warps(1 << 20) == 8
+    block, warps = launch.elementwise_settings(1 << 22)
+    assert block == launch.MAX_ELEMENTWISE_BLOCK and warps == 8
