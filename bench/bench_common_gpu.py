@@ -10,19 +10,19 @@ per-head logits averaged over heads), ``compile`` is ``torch.compile`` of it, ``
 
 from __future__ import annotations
 
-import csv
 import datetime
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_ops  # noqa: E402  (bench/ is a folder of scripts, not a package)
-from provenance import git_commit  # noqa: E402
+import results_io  # noqa: E402
+from results_io import git_commit  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -351,16 +351,4 @@ def make_row(env: Dict[str, str], peaks: Dict[str, float], case: Case, provider:
 
 def append_rows(path: str, rows: List[Dict[str, str]]) -> None:
     """Append rows to ``path`` (header written only when the file is new); never rewrites earlier rows."""
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != CSV_FIELDS:
-            raise ValueError(f"{path} has another header {header}; write to a new file")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
+    results_io.append_rows(path, CSV_FIELDS, rows)

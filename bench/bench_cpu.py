@@ -11,7 +11,6 @@ cpp/eager and cpp/compile speedups is printed for ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -25,7 +24,7 @@ from torch.utils.benchmark import Timer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common_cpu as common  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from results_io import append_rows, git_commit  # noqa: E402
 from cascade_clip.info import cpu_name  # noqa: E402
 
 FIELDS = [
@@ -105,19 +104,11 @@ def main(argv=None) -> int:
                 print(f"{op:12s} {mode:8s} {provider:10s} {median * 1e3:9.3f} ms  IQR {iqr * 1e3:7.3f}  "
                       f"peak {mem:7.1f} MB", flush=True)
 
-    new_file = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
-    if not new_file:
-        with open(args.out, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if header != FIELDS:  # never rewrite old rows to a new schema; ask for another file instead
-            print(f"error: {args.out} has columns {header}, this script writes {FIELDS}; use another --out",
-                  file=sys.stderr)
-            return 1
-    with open(args.out, "a", newline="", encoding="utf-8") as f:  # append: old rows are kept
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    try:  # append: old rows are kept; a file with other columns is refused, never rewritten to a new schema
+        append_rows(args.out, FIELDS, rows)
+    except ValueError as exc:
+        print(f"error: {exc}; use another --out", file=sys.stderr)
+        return 1
 
     print("\n| op | mode | eager ms | compile ms | reference ms | cpp ms | cpp/eager | cpp/compile |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

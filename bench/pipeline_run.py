@@ -16,7 +16,6 @@ log windows after the first, which holds the warm-up) and the peak GPU memory ar
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -32,7 +31,7 @@ from cascade_clip.synthetic import SyntheticSpec, write_voc_layout
 from cascade_clip.train_config import resolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from provenance import git_commit  # noqa: E402
+from results_io import append_rows, git_commit  # noqa: E402
 
 FIELDS = ["date", "git_commit", "device", "torch", "triton", "clip_model", "img_size", "batch_per_gpu", "iters",
           "precision", "kernels", "compile", "img_per_s", "peak_mem_mb", "train_s", "num_workers"]
@@ -123,17 +122,10 @@ def main(argv=None) -> int:
         num_workers=cfg.data.num_workers,
     )
     path = args.csv or os.path.join(args.out, "results_pipeline.csv")
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != FIELDS:
-            raise SystemExit(f"{path} has another header {header}; write to a new file")
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    try:
+        append_rows(path, FIELDS, [row])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     print(json.dumps(row), flush=True)
     return 0
 

@@ -14,7 +14,6 @@ card, versions, commit, date) are appended to a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from cascade_clip import CascadeCLIP, ModelConfig, ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from provenance import git_commit  # noqa: E402
+from results_io import append_rows, git_commit  # noqa: E402
 
 FIELDS = [
     "date", "git_commit", "device", "torch", "triton", "model", "img_size", "batch", "classes", "precision",
@@ -139,18 +138,10 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"{precision:5s} {backend:10s} compile={mode:15s} {row['median_step_ms']:>9s} ms/step "
               f"{row['img_per_s']:>8s} img/s peak {row['peak_mem_mb']} MiB", flush=True)
-    new_file = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
-    if not new_file:
-        with open(args.out, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != FIELDS:
-            raise SystemExit(f"{args.out} has another header {header}; write to a new file")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    try:
+        append_rows(args.out, FIELDS, rows)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 if __name__ == "__main__":

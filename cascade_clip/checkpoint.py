@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .config import ModelConfig
 from .official import read_checkpoint
+
+if TYPE_CHECKING:  # the model module imports this one's users; only the annotation needs it here
+    from .model import CascadeCLIP
 
 FORMAT = "cascade-clip/1"
 _PRESET_BY_PROMPTS = {10: "voc", 35: "context", 50: "coco"}

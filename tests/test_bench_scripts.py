@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,3 +31,22 @@ def test_pipeline_run_smoke(tmp_path):
     rows = list(csv.DictReader(open(csv_path)))
     assert len(rows) == 1 and rows[0]["clip_model"] == "cascade-tiny" and float(rows[0]["img_per_s"]) > 0
     assert (out / "cascade-tiny-openai-format.pt").exists() and (out / "train" / "latest.pt").exists()
+
+
+def test_results_csv_append_and_refusal(tmp_path, monkeypatch):
+    """bench/results_io.py: rows are appended under one header; a file with other columns is refused untouched; the
+    commit comes from CASCADE_CLIP_COMMIT when set (a device copy's .git may be stale)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_io", os.path.join(ROOT, "bench", "results_io.py"))
+    results_io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_io)
+    path = str(tmp_path / "r.csv")
+    results_io.append_rows(path, ["a", "b"], [{"a": 1, "b": 2}])
+    results_io.append_rows(path, ["a", "b"], [{"a": 3, "b": 4}])
+    assert open(path).read().splitlines() == ["a,b", "1,2", "3,4"]
+    with pytest.raises(ValueError, match=r"has the columns \['a', 'b'\], these rows have \['a', 'c'\]"):
+        results_io.append_rows(path, ["a", "c"], [{"a": 5, "c": 6}])
+    assert open(path).read().splitlines() == ["a,b", "1,2", "3,4"]
+    monkeypatch.setenv("CASCADE_CLIP_COMMIT", "abc1234")
+    assert results_io.git_commit() == "abc1234"
