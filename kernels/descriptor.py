@@ -27,12 +27,72 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import block_size, cdiv, contiguous, dot_precision, num_warps
+from .launch import autotune, block_size, cdiv, contiguous, dot_precision, next_power_of_2
 
-# Tile caps: (C, e) tiles of 64x64 with K-slices of 64 keep the fp32 accumulator at 16 registers/thread at 8 warps.
+# Tile caps of the launch heuristic (the interpreter's tiles, and the first candidates on a GPU): (C, e) tiles of
+# 64x64 with K-slices of 64 keep the fp32 accumulator at 16 registers/thread at 8 warps.
 _CAP_C, _CAP_E, _CAP_K = 64, 64, 64
 
 
+def _config(warps: int, stages: int = 3, **blocks) -> "triton.Config":
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+def _fwd_configs():
+    """Forward candidates on a GPU (the interpreter gets only the first). The heuristic's tiles come first (16, 32, 64
+    class rows at 1, 2, 4 warps), so autotuning never picks worse than the untuned kernel; then wider e-tiles, longer
+    K-slices and 128-row class tiles for Context/COCO-Stuff's 59-171 classes."""
+    return [
+        _config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
+        _config(1, BLOCK_C=16, BLOCK_E=64, BLOCK_K=64),
+        _config(2, BLOCK_C=32, BLOCK_E=64, BLOCK_K=64),
+        _config(4, BLOCK_C=16, BLOCK_E=128, BLOCK_K=64),
+        _config(4, BLOCK_C=32, BLOCK_E=128, BLOCK_K=64),
+        _config(4, BLOCK_C=32, BLOCK_E=64, BLOCK_K=128),
+        _config(4, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
+        _config(8, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
+        _config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=128),
+        _config(8, BLOCK_C=128, BLOCK_E=64, BLOCK_K=64),
+        _config(8, BLOCK_C=128, BLOCK_E=128, BLOCK_K=64),
+    ]
+
+
+def _bwd_x_configs():
+    """d text / d g candidates. BLOCK_C is not tuned here: the per-class-block partials of d g are sized by it before
+    the launch, so it stays the launcher's heuristic value (a plain argument below)."""
+    return [
+        _config(4, BLOCK_E=64, BLOCK_K=64),
+        _config(1, BLOCK_E=64, BLOCK_K=64),
+        _config(2, BLOCK_E=64, BLOCK_K=64),
+        _config(4, BLOCK_E=128, BLOCK_K=64),
+        _config(4, BLOCK_E=64, BLOCK_K=128),
+        _config(8, BLOCK_E=128, BLOCK_K=128),
+    ]
+
+
+def _bwd_w_configs():
+    """d weight candidates: (e, d) output tiles, reduced over classes (and images, for the W1 half) in BLOCK_C steps;
+    the heuristic's tiles (class rows 16/32/64, 64x64 outputs, 4 warps) first."""
+    return [
+        _config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
+        _config(4, BLOCK_C=16, BLOCK_E=64, BLOCK_K=64),
+        _config(4, BLOCK_C=32, BLOCK_E=64, BLOCK_K=64),
+        _config(8, BLOCK_C=32, BLOCK_E=128, BLOCK_K=64),
+        _config(4, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
+        _config(8, BLOCK_C=64, BLOCK_E=128, BLOCK_K=128),
+        _config(8, BLOCK_C=128, BLOCK_E=64, BLOCK_K=64),
+    ]
+
+
+def _prune_class_blocks(configs, named_args, **kwargs):
+    """Keep class tiles between a quarter of and the padded class count (C is 15-20 for VOC, 59-171 otherwise):
+    larger ones only waste MMA rows, much smaller ones multiply the programs that recompute the text half."""
+    top = max(16, next_power_of_2(named_args["C"]))
+    keep = [cfg for cfg in configs if "BLOCK_C" not in cfg.kwargs or top // 4 <= cfg.kwargs["BLOCK_C"] <= top]
+    return keep or configs[:1]
+
+
+@autotune(_fwd_configs(), key=["B", "C", "E", "D", "PRECISION"], prune=_prune_class_blocks)
 @triton.jit
 def _descriptor_fwd_kernel(
     text_ptr,  # (C, d)
@@ -100,6 +160,7 @@ def _descriptor_fwd_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_e[None, :])
 
 
+@autotune(_bwd_x_configs(), key=["B", "C", "E", "D", "PRECISION"])
 @triton.jit
 def _descriptor_bwd_x_kernel(
     grad_ptr,  # (S, B, C, e) compute dtype
@@ -119,10 +180,10 @@ def _descriptor_bwd_x_kernel(
     stride_bb, stride_bd,  # g (B, d)
     stride_ws, stride_we, stride_wk,  # weight (S, e, 2d)
     IMAGES_PER_PROGRAM,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # from the launcher, not tuned: it sizes the d g partials
+    PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
@@ -175,6 +236,7 @@ def _descriptor_bwd_x_kernel(
              mask=mask_c[:, None] & mask_k[None, :])
 
 
+@autotune(_bwd_w_configs(), key=["B", "C", "E", "D", "PRECISION"], prune=_prune_class_blocks)
 @triton.jit
 def _descriptor_bwd_w_kernel(
     grad_ptr,  # (S, B, C, e) compute dtype
@@ -284,13 +346,17 @@ def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
         return out
     cd = _compute_dtype(text, g, weight)
     text, g, weight, bias = (contiguous(t.to(cd)) for t in (text, g, weight, bias))
-    bc, be, bk = _blocks(C, E, D)
-    tiles = cdiv(C, bc) * cdiv(E, be)
-    groups, per = _image_groups(tiles * S, B)
-    _descriptor_fwd_kernel[(tiles, S, groups)](
+    # the image split comes from the heuristic tiles, so it is the same for every candidate config
+    bc, be, _ = _blocks(C, E, D)
+    groups, per = _image_groups(cdiv(C, bc) * cdiv(E, be) * S, B)
+
+    def grid(meta):
+        return (cdiv(C, meta["BLOCK_C"]) * cdiv(E, meta["BLOCK_E"]), S, groups)
+
+    _descriptor_fwd_kernel[grid](
         text, g, weight, bias, out, B, C, E, D,
         *text.stride(), *g.stride(), *weight.stride(), *bias.stride(), *out.stride(), per,
-        BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=dot_precision(cd), num_warps=num_warps(bc * be),
+        PRECISION=dot_precision(cd),
     )
     return out
 
@@ -308,28 +374,35 @@ def descriptor_backward(grad, text, g, weight, bias):
     text_c, g_c, weight_c = (contiguous(t.to(cd)) for t in (text, g, weight))
     gsum = grad.sum(dim=1, dtype=torch.float32)  # (S, C, e): the text half sees the sum over images
     d_bias = gsum.sum(dim=1).to(bias.dtype)
-    bc, be, bk = _blocks(C, E, D)
+    bc, _, bk = _blocks(C, E, D)
     num_c = cdiv(C, bc)
-    warps = num_warps(bc * bk)
     precision = dot_precision(cd)
 
-    tiles = num_c * cdiv(D, bk)
-    groups, per = _image_groups(tiles * S, B)
+    # class tile and image split from the heuristic (they size the partial buffers); the rest is autotuned
+    groups, per = _image_groups(num_c * cdiv(D, bk) * S, B)
     dtext_part = torch.empty((S, groups, C, D), dtype=torch.float32, device=dev)
     dg_part = torch.empty((S, num_c, B, D), dtype=torch.float32, device=dev)
-    _descriptor_bwd_x_kernel[(tiles, S, groups)](
+
+    def grid_x(meta):
+        return (num_c * cdiv(D, meta["BLOCK_K"]), S, groups)
+
+    _descriptor_bwd_x_kernel[grid_x](
         grad, gsum, text_c, g_c, weight_c, dtext_part, dg_part, B, C, E, D,
-        *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(), *weight_c.stride(), per,
-        BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=precision, num_warps=warps,
+        *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(), *weight_c.stride(), per, bc,
+        PRECISION=precision,
     )
     d_text = dtext_part.sum(dim=(0, 1)).to(text.dtype)
     d_g = dg_part.sum(dim=(0, 1)).to(g.dtype)
 
     d_weight = torch.empty((S, E, 2 * D), dtype=weight.dtype, device=dev)
-    _descriptor_bwd_w_kernel[(cdiv(E, be) * 2 * cdiv(D, bk), S)](
+
+    def grid_w(meta):
+        return (cdiv(E, meta["BLOCK_E"]) * 2 * cdiv(D, meta["BLOCK_K"]), S)
+
+    _descriptor_bwd_w_kernel[grid_w](
         grad, gsum, text_c, g_c, d_weight, B, C, E, D,
         *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(),
-        BLOCK_C=bc, BLOCK_E=be, BLOCK_K=bk, PRECISION=precision, num_warps=num_warps(be * bk),
+        PRECISION=precision,
     )
     return d_text, d_g, d_weight, d_bias
 

@@ -8,8 +8,9 @@ A100 (sm80) as well as H100.
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import List
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import triton
@@ -69,6 +70,20 @@ def dot_precision(dtype: torch.dtype) -> str:
 def autotune_configs(configs: List["triton.Config"]) -> List["triton.Config"]:
     """The candidate configs on a GPU, only the first one under the interpreter (autotuning fails there)."""
     return configs[:1] if is_interpreter() else configs
+
+
+# Triton >= 3.4 can keep each tuned choice in its cache folder (``cache_results``); older versions lack the argument.
+_AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs: List["triton.Config"], key: Sequence[str], prune: Optional[Callable] = None):
+    """``triton.autotune`` over ``configs`` (the first one only under the interpreter), with the chosen config kept on
+    disk where Triton can: a later process on the same machine (a resumed run, the other DDP ranks once one rank has
+    tuned) then runs the same tiles, hence the same float summation order and the same numbers."""
+    kwargs = {"cache_results": True} if _AUTOTUNE_CAN_CACHE else {}
+    if prune is not None:
+        kwargs["prune_configs_by"] = {"early_config_prune": prune}
+    return triton.autotune(configs=autotune_configs(configs), key=list(key), **kwargs)
 
 
 def contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune_configs, block_size, cdiv, contiguous, dot_precision, next_power_of_2, num_warps
+from .launch import autotune, block_size, cdiv, contiguous, dot_precision, next_power_of_2, num_warps
 
 # a tl.constexpr global: compiled Triton (unlike its interpreter) refuses plain Python globals inside @jit code
 EPS = tl.constexpr(1e-12)
@@ -58,11 +58,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-@triton.autotune(
-    configs=autotune_configs(_fwd_configs()),
-    key=["C", "N", "D", "S", "NORMALIZE"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
+@autotune(_fwd_configs(), key=["C", "N", "D", "S", "NORMALIZE", "PRECISION"], prune=_prune_configs)
 @triton.jit
 def _mask_logits_fwd_kernel(
     q_ptr,  # (S, B, C, d) contiguous

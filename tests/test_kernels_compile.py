@@ -118,9 +118,14 @@ PLAN = (
 
 def _gpu_autotune_configs():
     """The full GPU config list of each autotuned kernel (the interpreter's autotuner holds only the first)."""
-    from cascade_clip.kernels import mask_logits
+    from cascade_clip.kernels import descriptor, mask_logits
 
-    return {"_mask_logits_fwd_kernel": mask_logits._fwd_configs()}
+    return {
+        "_mask_logits_fwd_kernel": mask_logits._fwd_configs(),
+        "_descriptor_fwd_kernel": descriptor._fwd_configs(),
+        "_descriptor_bwd_x_kernel": descriptor._bwd_x_configs(),
+        "_descriptor_bwd_w_kernel": descriptor._bwd_w_configs(),
+    }
 
 
 def collect_jobs():

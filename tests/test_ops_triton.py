@@ -180,6 +180,35 @@ def test_descriptor_image_groups(monkeypatch, groups):
                   ["text", "g", "weight", "bias"])
 
 
+def _every_gpu_config():
+    """(kernel module, kernel name, config) for every autotune candidate of every autotuned kernel."""
+    from cascade_clip.kernels import descriptor as desc_mod, mask_logits as mask_mod
+
+    lists = [
+        (desc_mod, "_descriptor_fwd_kernel", desc_mod._fwd_configs()),
+        (desc_mod, "_descriptor_bwd_x_kernel", desc_mod._bwd_x_configs()),
+        (desc_mod, "_descriptor_bwd_w_kernel", desc_mod._bwd_w_configs()),
+        (mask_mod, "_mask_logits_fwd_kernel", mask_mod._fwd_configs()),
+    ]
+    return [pytest.param(mod, name, cfg, id=f"{name}-{i}") for mod, name, cfgs in lists for i, cfg in enumerate(cfgs)]
+
+
+@pytest.mark.parametrize("module,kernel,config", _every_gpu_config())
+def test_every_autotune_config_is_correct(monkeypatch, module, kernel, config):
+    """The interpreter autotunes nothing (it runs each kernel's first config), so each GPU candidate is forced here,
+    in float32 at shapes with several and partial tiles, and checked against the reference like the tuned kernel."""
+    tuner = getattr(module, kernel)
+    monkeypatch.setattr(tuner, "configs", [config])  # one config: the autotuner runs it without benchmarking
+    monkeypatch.setattr(tuner, "cache", {})
+    if kernel.startswith("_descriptor"):
+        inputs = _descriptor_inputs(150, 40, 3, 2, 70, torch.float32)  # C=150 spans two 128-row class tiles
+        _check_parity(ops.descriptor, inputs, torch.float32, ["text", "g", "weight", "bias"])
+    else:
+        for normalize in (False, True):
+            q, k, scale = _randn(2, 2, 37, 40), _randn(2, 2, 133, 40), torch.rand(2, device=DEVICE)
+            _check_parity(_mask_fn(normalize), [q, k, scale], torch.float32, ["q", "k", "scale"])
+
+
 def test_descriptor_mixed_dtypes():
     """float32 parameters with a half-precision image embedding: computed in float32, returned in g's dtype."""
     C, d, B, S, e = 5, 24, 2, 2, 17
