@@ -50,3 +50,11 @@ def test_results_csv_append_and_refusal(tmp_path, monkeypatch):
     assert open(path).read().splitlines() == ["a,b", "1,2", "3,4"]
     monkeypatch.setenv("CASCADE_CLIP_COMMIT", "abc1234")
     assert results_io.git_commit() == "abc1234"
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_train_check.sh", "gpu_env.sh"])
+def test_gpu_scripts_parse(script):
+    """The GPU scripts run only on a lent GPU machine, where a syntax error would cost a whole device session:
+    bash must at least parse them here (their dry run, without CUDA, is a manual check: see the README)."""
+    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

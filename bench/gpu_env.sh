@@ -1,0 +1,65 @@
+# Shared set-up of the GPU scripts (sourced by bench/gpu_check.sh and bench/gpu_train_check.sh, never run alone).
+#
+# Expects OUT (an existing folder) and LOG (a file under it). Defines REPO, PY, START, log, step, DRY, XDIST; makes
+# open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the machine's
+# Python environment may not be writable) and cascade_clip.kernels importable through a symlink
+# cascade_clip/kernels -> ../kernels (removed on exit when made here). Python puts the working directory first on
+# sys.path, so a separate symlinked tree would be shadowed by ./cascade_clip, which has no kernels/ subfolder.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# step NAME TIMEOUT_S LOGFILE CMD...: run CMD under timeout, output to LOGFILE, record status, never abort the script
+step() {
+    local name=$1 limit=$2 logfile=$3
+    shift 3
+    log "step '$name' (timeout ${limit}s): $*"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$logfile" 2>&1
+    local rc=$?
+    if [ $rc -eq 0 ]; then log "step '$name' ok"; elif [ $rc -eq 124 ]; then log "step '$name' TIMED OUT"; else log "step '$name' FAILED rc=$rc"; fi
+    return 0
+}
+
+log "repo $REPO, out $OUT, commit ${CASCADE_CLIP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} (set CASCADE_CLIP_COMMIT: the device copy's .git may be stale)"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
+} | tee -a "$LOG"
+
+missing=""
+$PY -c "import open_clip" >/dev/null 2>&1 || missing="$missing open_clip_torch"
+$PY -c "import ftfy" >/dev/null 2>&1 || missing="$missing ftfy"
+$PY -c "import wcwidth" >/dev/null 2>&1 || missing="$missing wcwidth"
+if [ -n "$missing" ]; then
+    wheels=""
+    for name in $missing; do
+        for w in wheels/${name}-*.whl; do [ -e "$w" ] && wheels="$wheels $w"; done
+    done
+    if [ -n "$wheels" ]; then
+        export WHEEL_SITE=$(mktemp -d)
+        step "install wheels:$missing" 60 "$LOG" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WHEEL_SITE" $wheels
+        export PYTHONPATH="$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        log "missing:$missing, but no matching file in wheels/ (carry it with the run)"
+    fi
+fi
+
+if [ ! -e cascade_clip/kernels ]; then
+    ln -s ../kernels cascade_clip/kernels
+    trap 'rm -f "$REPO/cascade_clip/kernels"' EXIT
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+$PY -c "from cascade_clip import ops; print('backends:', ops.available_backends(), ops.unavailable_reason('triton'))" 2>&1 | tee -a "$LOG"
+
+# without a GPU (a local check of these scripts) every step runs its CPU dry run instead: interpreter, tiny shapes
+DRY=""
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { DRY="--dry-run"; log "no CUDA: dry-run mode"; }
+
+# pytest-xdist (in the H200 image) spreads tests over processes: most of their time is Triton compiling and
+# autotuning each new shape on the CPU, which parallelises; without it the tests run in one process
+XDIST=""
+$PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
