@@ -15,6 +15,7 @@ COMMANDS = {
     "config": ("cascade_clip.config_cli", "show a resolved training configuration"),
     "predict": ("cascade_clip.predict", "segment your own images with any class names"),
     "embed-text": ("cascade_clip.embed_text", "class names -> L2-normalised text embeddings (.npy)"),
+    "bench": ("cascade_clip.bench_cli", "run a benchmark of the checkout's bench/ (kernels, cpu, train, pipeline, host)"),
 }
 
 
@@ -32,7 +33,9 @@ def main(argv=None) -> None:
         if exc.name != module_name:
             raise
         parser.error(f"'{args.command}' is not available in this version")
-    module.main(argv[1:])
+    code = module.main(argv[1:])
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,19 @@ def test_gpu_scripts_parse(script):
     bash must at least parse them here (their dry run, without CUDA, is a manual check: see the README)."""
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cascade_clip_bench_command(tmp_path, monkeypatch, capsys):
+    """`cascade-clip bench NAME ARGS` runs bench/<script> with ARGS; unknown names and installs without the
+    repository's bench/ folder get a clear error."""
+    from cascade_clip import bench_cli, cli
+
+    out = tmp_path / "kernels"
+    cli.main(["bench", "kernels", "--dry-run", "--out", str(out), "--ops", "nga", "--modes", "fwd"])
+    rows = list(csv.DictReader(open(out / "results_gpu.csv")))
+    assert {r["provider"] for r in rows} == {"eager", "triton"}
+    with pytest.raises(SystemExit, match="unknown benchmark 'gpu'; choose one of kernels, cpu, train"):
+        cli.main(["bench", "gpu"])
+    monkeypatch.setattr(bench_cli, "bench_dir", lambda: None)
+    with pytest.raises(SystemExit, match="the benchmarks live in the repository's bench/ folder"):
+        cli.main(["bench", "cpu"])
