@@ -38,7 +38,7 @@ def bench_dir() -> Optional[str]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(f"usage: cascade-clip bench {{{','.join(SCRIPTS)}}} [ARGS...]\n\n{__doc__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SCRIPTS:
