@@ -39,9 +39,9 @@ def _config(warps: int, stages: int = 3, **blocks) -> "triton.Config":
 
 
 def _fwd_configs():
-    """Forward candidates on a GPU (the interpreter gets only the first). The heuristic's tiles come first (16, 32, 64
-    class rows at 1, 2, 4 warps), so autotuning never picks worse than the untuned kernel; then wider e-tiles, longer
-    K-slices and 128-row class tiles for Context/COCO-Stuff's 59-171 classes."""
+    """Forward candidates on a GPU (the interpreter gets only the first). The first three are the launch heuristic's
+    tiles (16, 32, 64 class rows at 1, 2, 4 warps), so the untuned kernel is always a candidate; then wider e-tiles,
+    longer K-slices and 128-row class tiles for Context/COCO-Stuff's 59-171 classes."""
     return [
         _config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
         _config(1, BLOCK_C=16, BLOCK_E=64, BLOCK_K=64),
