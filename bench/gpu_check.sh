@@ -29,11 +29,11 @@ else
 fi
 PIP_PID=$!
 
-# 3. correctness first: the GPU parity tests at real shapes (bf16 dot paths included)
+# 1. correctness first: the GPU parity tests at real shapes (bf16 dot paths included)
 step "pytest -m gpu" 80 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST --durations=8 -m gpu tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
-# 3b. the whole model against the official implementation's golden tensors, on the GPU, through the reference, auto
+# 1b. the whole model against the official implementation's golden tensors, on the GPU, through the reference, auto
 #     and triton backends (fp32). ../shared does not travel: carry a copy in .golden/ (git-ignored), see the README.
 if [ -f .golden/voc_tiny.pt ]; then
     step "golden parity" 40 "$OUT/pytest_gpu.log" env CASCADE_CLIP_GOLDEN=.golden/voc_tiny.pt $PY -m pytest -v -rfE tests/test_golden.py tests/test_ops_autocast.py -p no:cacheprovider
@@ -42,16 +42,16 @@ else
     log "no .golden/voc_tiny.pt carried: golden parity skipped"
 fi
 
-# 3c. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
+# 1c. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
 step "pytest not gpu" 40 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
-# 4. kernel benchmark at B=8 (the targets): eager official formulation vs Triton, launch and CUDA-graph timings, then
+# 2. kernel benchmark at B=8 (the targets): eager official formulation vs Triton, launch and CUDA-graph timings, then
 #    torch.compile of the official formulation (one compile per shape); rows appended as they come
 step "bench eager+triton B=8" 55 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --batches 8 --budget-s 40 --rep-ms 50
 step "bench compile B=8" 80 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers compile --batches 8 --budget-s 60 --rep-ms 50
 
-# 5. the other batch sizes with what is left of the 6 minutes
+# 3. the other batch sizes with what is left of the 6 minutes
 left=$(( 320 - ($(date +%s) - START) ))
 if [ "$left" -gt 20 ]; then
     step "bench eager+triton B=4,16" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --batches 4,16 --budget-s $(( left - 15 )) --rep-ms 50
@@ -59,12 +59,12 @@ else
     log "no time left for B=4 and B=16"
 fi
 
-# 6. the markdown table from the CSV
+# 4. the markdown table from the CSV
 if [ -s "$OUT/results_gpu.csv" ]; then
     step "render" 20 "$LOG" $PY bench/render_results.py "$OUT/results_gpu.csv" --md "$OUT/results_gpu.md"
 fi
 
-# 7. report the background install (never wait long for it)
+# 5. report the background install (never wait long for it)
 if kill -0 "$PIP_PID" 2>/dev/null; then
     log "editable install still running after $(( $(date +%s) - START ))s; not waiting"
     kill "$PIP_PID" 2>/dev/null
