@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import append_rows, git_commit  # noqa: E402
 
 FIELDS = [
-    "date", "git_commit", "device", "torch", "triton", "model", "img_size", "batch", "classes", "precision",
+    "date", "run", "git_commit", "device", "torch", "triton", "model", "img_size", "batch", "classes", "precision",
     "backend", "compile", "median_step_ms", "img_per_s", "peak_mem_mb", "steps",
 ]
 
@@ -125,11 +125,12 @@ def main(argv=None) -> None:
     ops.set_backend("auto")
 
     rows = []
+    run = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # ratios only within one run
     for config in configs:
         precision, backend, mode = config
         step = statistics.median(times[config])
         row = dict(
-            date=datetime.date.today().isoformat(), git_commit=git_commit(), device=device_name(device),
+            date=datetime.date.today().isoformat(), run=run, git_commit=git_commit(), device=device_name(device),
             torch=torch.__version__, triton=triton_version, model=cfg.clip_model, img_size=size, batch=args.batch,
             classes=len(cfg.seen), precision=precision, backend=backend, compile=mode,
             median_step_ms=f"{step * 1e3:.2f}", img_per_s=f"{args.batch / step:.1f}",

@@ -18,6 +18,14 @@ def test_train_speed_smoke(tmp_path):
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 2 and all(r["backend"] == "reference" and float(r["img_per_s"]) > 0 for r in rows)
+    # render_training.py: one table per run (ratios never cross runs)
+    md = tmp_path / "train.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "render_training.py"), "--train", str(out),
+                           "--md", str(md)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    runs = {r["run"] for r in rows}
+    text = md.read_text()
+    assert all(f"run {run}" in text for run in runs) and text.count("| fp32 | reference | none |") == len(runs)
 
 
 def test_pipeline_run_smoke(tmp_path):
