@@ -56,18 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="CPU and the Triton interpreter, tiny shapes, eager+triton only: exercises args and CSV")
     args = p.parse_args(argv)
-    for dt in args.dtypes:
-        if dt not in common.DTYPE_OF:
-            p.error(f"unknown dtype {dt!r}; known {sorted(common.DTYPE_OF)}")
-    for prov in args.providers:
-        if prov not in common.PROVIDERS:
-            p.error(f"unknown provider {prov!r}; known {common.PROVIDERS}")
-    for mode in args.modes:
-        if mode not in common.MODES:
-            p.error(f"unknown mode {mode!r}; known {common.MODES}")
-    for timing in args.timings:
-        if timing not in common.TIMINGS:
-            p.error(f"unknown timing {timing!r}; known {common.TIMINGS}")
+    choices = (("dtype", args.dtypes, sorted(common.DTYPE_OF)), ("provider", args.providers, common.PROVIDERS),
+               ("mode", args.modes, common.MODES), ("timing", args.timings, common.TIMINGS))
+    for what, given, known in choices:
+        for value in given:
+            if value not in known:
+                p.error(f"unknown {what} {value!r}; known {known}")
     return args
 
 

@@ -28,7 +28,7 @@ import torch
 from cascade_clip.clip_arch import create_clip
 from cascade_clip.quickstart import quickstart_overrides, write_class_embeddings
 from cascade_clip.synthetic import SyntheticSpec, write_voc_layout
-from cascade_clip.train_config import resolve
+from cascade_clip.train_config import COMPILE_MODES, resolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import append_rows, git_commit  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--tiny", action="store_true", help="cascade-tiny at 64 px (a CPU smoke run)")
     parser.add_argument("--kernels", default="auto", choices=("auto", "triton", "cpp", "reference"))
-    parser.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead"))
+    parser.add_argument("--compile", default="none", choices=COMPILE_MODES)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_clip import CascadeCLIP, ModelConfig, ops
+from cascade_clip.train_config import COMPILE_MODES, torch_compile_mode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import append_rows, git_commit  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     modes = [m for m in args.compile.split(",") if m]
     for mode in modes:
-        if mode not in ("none", "default", "reduce-overhead"):
+        if mode not in COMPILE_MODES:
             parser.error(f"unknown --compile mode {mode!r}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
     nets, peaks = {}, {}
     for precision, backend, mode in configs:  # warm-up (and compile) each configuration, recording peak memory
         ops.set_backend(backend)
-        net = model if mode == "none" else torch.compile(model, mode=None if mode == "default" else mode)
+        net = model if mode == "none" else torch.compile(model, mode=torch_compile_mode(mode))
         nets[(precision, backend, mode)] = net
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import distributed
-from .train_config import PRESETS, Config, resolve
+from .train_config import PRESETS, Config, resolve, torch_compile_mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +233,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
             )
         if cfg.train.compile != "none":
             # the forward only (loss and optimizer stay eager); `model` stays uncompiled for checkpoints and eval
-            net = torch.compile(net, mode=None if cfg.train.compile == "default" else cfg.train.compile)
+            net = torch.compile(net, mode=torch_compile_mode(cfg.train.compile))
         accum = cfg.train.grad_accum
         stream = BatchStream(dataset, batch_size=cfg.train.batch_size, rank=info.rank, world_size=info.world_size,
                              seed=cfg.train.seed, num_workers=cfg.data.num_workers, consumed=start * accum,

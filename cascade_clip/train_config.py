@@ -56,6 +56,11 @@ class OptimConfig:
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
+def torch_compile_mode(name: str) -> Optional[str]:
+    """``train.compile`` -> the ``mode`` argument of ``torch.compile`` (its default mode is ``None``)."""
+    return None if name == "default" else name
+
+
 @dataclass
 class TrainSection:
     iters: int = 20000  # optimiser steps

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -76,6 +76,11 @@ def autotune_configs(configs: List["triton.Config"]) -> List["triton.Config"]:
 _AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
+# (module, kernel name) -> every GPU candidate of a kernel decorated with :func:`autotune`, also under the interpreter
+# (which keeps only the first): the tests compile and check each candidate from here.
+AUTOTUNE_CANDIDATES: Dict[Tuple[str, str], List["triton.Config"]] = {}
+
+
 def autotune(configs: List["triton.Config"], key: Sequence[str], prune: Optional[Callable] = None):
     """``triton.autotune`` over ``configs`` (the first one only under the interpreter), with the chosen config kept on
     disk where Triton can: a later process on the same machine (a resumed run, the other DDP ranks once one rank has
@@ -83,7 +88,14 @@ def autotune(configs: List["triton.Config"], key: Sequence[str], prune: Optional
     kwargs = {"cache_results": True} if _AUTOTUNE_CAN_CACHE else {}
     if prune is not None:
         kwargs["prune_configs_by"] = {"early_config_prune": prune}
-    return triton.autotune(configs=autotune_configs(configs), key=list(key), **kwargs)
+    decorate = triton.autotune(configs=autotune_configs(configs), key=list(key), **kwargs)
+
+    def register(kernel):
+        python_fn = kernel.fn  # the @triton.jit function (compiled or interpreted) wraps the Python function
+        AUTOTUNE_CANDIDATES[(python_fn.__module__, python_fn.__name__)] = list(configs)
+        return decorate(kernel)
+
+    return register
 
 
 def contiguous(t: torch.Tensor) -> torch.Tensor:

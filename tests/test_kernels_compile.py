@@ -117,15 +117,12 @@ PLAN = (
 
 
 def _gpu_autotune_configs():
-    """The full GPU config list of each autotuned kernel (the interpreter's autotuner holds only the first)."""
-    from cascade_clip.kernels import descriptor, mask_logits
+    """The full GPU config list of each autotuned kernel, by kernel name (the interpreter's autotuner holds only the
+    first; ``launch.autotune`` records them all)."""
+    from cascade_clip.kernels import launch
 
-    return {
-        "_mask_logits_fwd_kernel": mask_logits._fwd_configs(),
-        "_descriptor_fwd_kernel": descriptor._fwd_configs(),
-        "_descriptor_bwd_x_kernel": descriptor._bwd_x_configs(),
-        "_descriptor_bwd_w_kernel": descriptor._bwd_w_configs(),
-    }
+    ops.available_backends()  # imports the kernel modules, which registers their candidates
+    return {name: configs for (_, name), configs in launch.AUTOTUNE_CANDIDATES.items()}
 
 
 def collect_jobs():

@@ -182,15 +182,16 @@ def test_descriptor_image_groups(monkeypatch, groups):
 
 def _every_gpu_config():
     """(kernel module, kernel name, config) for every autotune candidate of every autotuned kernel."""
-    from cascade_clip.kernels import descriptor as desc_mod, mask_logits as mask_mod
+    import importlib
 
-    lists = [
-        (desc_mod, "_descriptor_fwd_kernel", desc_mod._fwd_configs()),
-        (desc_mod, "_descriptor_bwd_x_kernel", desc_mod._bwd_x_configs()),
-        (desc_mod, "_descriptor_bwd_w_kernel", desc_mod._bwd_w_configs()),
-        (mask_mod, "_mask_logits_fwd_kernel", mask_mod._fwd_configs()),
+    from cascade_clip.kernels import launch
+
+    ops.available_backends()  # imports the kernel modules, which registers their candidates
+    assert launch.AUTOTUNE_CANDIDATES, "no autotuned kernel registered its candidates"
+    return [
+        pytest.param(importlib.import_module(module), name, cfg, id=f"{name}-{i}")
+        for (module, name), cfgs in launch.AUTOTUNE_CANDIDATES.items() for i, cfg in enumerate(cfgs)
     ]
-    return [pytest.param(mod, name, cfg, id=f"{name}-{i}") for mod, name, cfgs in lists for i, cfg in enumerate(cfgs)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=gpu)])
