@@ -6,10 +6,11 @@ Split the projection at the concatenation: ``weight[s] = [W1 | W2]`` with ``W1, 
 
     out[s, b] = (text * g[b]) @ W1.T  +  (text @ W2.T + bias[s])
 
-The second term does not depend on the image ``b``. Each program owns one ``(C, e)`` tile of one stage: it computes
-the text term once, then for every image adds the ``text * g[b]`` term (the product is formed in registers, one
-``(BLOCK_C, BLOCK_K)`` slice at a time) and stores. The ``(B, C, 2d)`` concatenation is never built, the text half
-costs ``C*e*d`` instead of ``B*C*e*d`` multiply-adds, and all stages run in one launch.
+The second term does not depend on the image ``b``. Each program owns one ``(C, e)`` tile of one stage and one group
+of images: it computes the text term once, then for every image of its group adds the ``text * g[b]`` term (the
+product is formed in registers, one ``(BLOCK_C, BLOCK_K)`` slice at a time) and stores. The ``(B, C, 2d)``
+concatenation is never built, the text half costs ``C*e*d`` per image group instead of ``C*e*d`` per image, and all
+stages run in one launch.
 
 Backward, with ``G = d out`` of shape ``(S, B, C, e)`` and ``Gsum[s] = sum_b G[s, b]`` (``(S, C, e)``, float32):
 
@@ -109,7 +110,6 @@ def _descriptor_fwd_kernel(
     stride_ws, stride_we, stride_wk,  # weight (S, e, 2d)
     stride_bs, stride_be,  # bias (S, e)
     stride_os, stride_ob, stride_oc, stride_oe,  # out (S, B, C, e)
-    IMAGES_PER_PROGRAM,  # images handled by one program (grid axis 2 walks the groups)
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -141,8 +141,10 @@ def _descriptor_fwd_kernel(
     bias = tl.load(bias_ptr + s * stride_bs + offs_e * stride_be, mask=mask_e, other=0.0).to(tl.float32)
     acc_text += bias[None, :]
 
-    b_start = tl.program_id(2) * IMAGES_PER_PROGRAM
-    b_stop = tl.minimum(b_start + IMAGES_PER_PROGRAM, B)
+    # grid axis 2 splits the images into groups; any group count covers all B images
+    images_per_program = tl.cdiv(B, tl.num_programs(2))
+    b_start = tl.program_id(2) * images_per_program
+    b_stop = tl.minimum(b_start + images_per_program, B)
     for b32 in range(b_start, b_stop):
         b = tl.cast(b32, tl.int64)
         acc = acc_text
@@ -179,7 +181,6 @@ def _descriptor_bwd_x_kernel(
     stride_tc, stride_td,  # text (C, d)
     stride_bb, stride_bd,  # g (B, d)
     stride_ws, stride_we, stride_wk,  # weight (S, e, 2d)
-    IMAGES_PER_PROGRAM,
     BLOCK_C: tl.constexpr,  # from the launcher, not tuned: it sizes the d g partials
     PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -214,8 +215,9 @@ def _descriptor_bwd_x_kernel(
 
     t = tl.load(text_ptr + offs_c[:, None] * stride_tc + offs_k[None, :] * stride_td,
                 mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    b_start = grp * IMAGES_PER_PROGRAM
-    b_stop = tl.minimum(b_start + IMAGES_PER_PROGRAM, B)
+    images_per_program = tl.cdiv(B, num_grp)
+    b_start = grp * images_per_program
+    b_stop = tl.minimum(b_start + images_per_program, B)
     for b32 in range(b_start, b_stop):
         b = tl.cast(b32, tl.int64)
         h = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
@@ -328,11 +330,11 @@ def _blocks(C, E, D):
 _TARGET_PROGRAMS = 256
 
 
-def _image_groups(tiles: int, B: int) -> tuple:
-    """``(groups, images_per_program)`` for ``tiles`` programs per image group."""
+def _image_groups(tiles: int, B: int) -> int:
+    """Image groups (grid axis 2) for ``tiles`` programs per group. The kernels give each group ``cdiv(B, groups)``
+    images, so the count is rounded to one that leaves no group empty."""
     groups = max(1, min(B, cdiv(_TARGET_PROGRAMS, max(tiles, 1))))
-    per = cdiv(B, groups)
-    return cdiv(B, per), per
+    return cdiv(B, cdiv(B, groups))
 
 
 def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -346,16 +348,16 @@ def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
         return out
     cd = _compute_dtype(text, g, weight)
     text, g, weight, bias = (contiguous(t.to(cd)) for t in (text, g, weight, bias))
-    # the image split comes from the heuristic tiles, so it is the same for every candidate config
-    bc, be, _ = _blocks(C, E, D)
-    groups, per = _image_groups(cdiv(C, bc) * cdiv(E, be) * S, B)
 
     def grid(meta):
-        return (cdiv(C, meta["BLOCK_C"]) * cdiv(E, meta["BLOCK_E"]), S, groups)
+        # each candidate splits the images for its own tiles: 128x128 tiles at C=171 make a third of the programs
+        # of 64x64 ones, so they need more image groups to fill the GPU (the kernel derives the group size)
+        tiles = cdiv(C, meta["BLOCK_C"]) * cdiv(E, meta["BLOCK_E"])
+        return (tiles, S, _image_groups(tiles * S, B))
 
     _descriptor_fwd_kernel[grid](
         text, g, weight, bias, out, B, C, E, D,
-        *text.stride(), *g.stride(), *weight.stride(), *bias.stride(), *out.stride(), per,
+        *text.stride(), *g.stride(), *weight.stride(), *bias.stride(), *out.stride(),
         PRECISION=dot_precision(cd),
     )
     return out
@@ -379,7 +381,7 @@ def descriptor_backward(grad, text, g, weight, bias):
     precision = dot_precision(cd)
 
     # class tile and image split from the heuristic (they size the partial buffers); the rest is autotuned
-    groups, per = _image_groups(num_c * cdiv(D, bk) * S, B)
+    groups = _image_groups(num_c * cdiv(D, bk) * S, B)
     dtext_part = torch.empty((S, groups, C, D), dtype=torch.float32, device=dev)
     dg_part = torch.empty((S, num_c, B, D), dtype=torch.float32, device=dev)
 
@@ -388,7 +390,7 @@ def descriptor_backward(grad, text, g, weight, bias):
 
     _descriptor_bwd_x_kernel[grid_x](
         grad, gsum, text_c, g_c, weight_c, dtext_part, dg_part, B, C, E, D,
-        *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(), *weight_c.stride(), per, bc,
+        *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(), *weight_c.stride(), bc,
         PRECISION=precision,
     )
     d_text = dtext_part.sum(dim=(0, 1)).to(text.dtype)
