@@ -73,7 +73,17 @@ def autotune_configs(configs: List["triton.Config"]) -> List["triton.Config"]:
 
 
 # Triton >= 3.4 can keep each tuned choice in its cache folder (``cache_results``); older versions lack the argument.
-_AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+_AUTOTUNE_PARAMETERS = inspect.signature(triton.autotune).parameters
+_AUTOTUNE_CAN_CACHE = "cache_results" in _AUTOTUNE_PARAMETERS
+
+# Timing of one autotune candidate, in ms. Triton's default (25 ms warm-up, 100 ms of repetitions) is sized for large
+# kernels; ours run 5-200 us, so 20 ms is still a hundred or more timed runs each (do_bench flushes the L2 cache
+# between runs), and the first call at a new shape tunes ~25 candidates in about a second instead of three.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
+
+
+def _bench_candidate(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 # (module, kernel name) -> every GPU candidate of a kernel decorated with :func:`autotune`, also under the interpreter
@@ -86,6 +96,8 @@ def autotune(configs: List["triton.Config"], key: Sequence[str], prune: Optional
     disk where Triton can: a later process on the same machine (a resumed run, the other DDP ranks once one rank has
     tuned) then runs the same tiles, hence the same float summation order and the same numbers."""
     kwargs = {"cache_results": True} if _AUTOTUNE_CAN_CACHE else {}
+    if "do_bench" in _AUTOTUNE_PARAMETERS:  # Triton >= 3.2; older ones keep their default timing
+        kwargs["do_bench"] = _bench_candidate
     if prune is not None:
         kwargs["prune_configs_by"] = {"early_config_prune": prune}
     decorate = triton.autotune(configs=autotune_configs(configs), key=list(key), **kwargs)

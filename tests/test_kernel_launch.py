@@ -26,3 +26,26 @@ def test_block_size_and_warps():
     assert launch.num_warps(1) == 1 and launch.num_warps(64 * 64) == 4 and launch.num_warps(1 << 20) == 8
     block, warps = launch.elementwise_settings(1 << 22)
     assert block == launch.MAX_ELEMENTWISE_BLOCK and warps == 8
+
+
+def test_autotuned_kernels_time_candidates_briefly():
+    """Every autotuned kernel times its candidates with the package's short do_bench (where this Triton takes one),
+    not Triton's 125 ms per candidate, and caches its choice on disk (where it can: not under the interpreter)."""
+    import inspect
+
+    import triton
+
+    from cascade_clip import ops
+
+    ops.available_backends()  # imports the kernel modules
+    from cascade_clip.kernels import descriptor, mask_logits, nga
+
+    tuners = [value for module in (nga, descriptor, mask_logits) for value in vars(module).values()
+              if isinstance(value, triton.runtime.autotuner.Autotuner)]
+    assert tuners, "no autotuned kernel found"
+    params = inspect.signature(triton.autotune).parameters
+    for tuner in tuners:
+        if "do_bench" in params:
+            assert tuner.do_bench is launch._bench_candidate
+        if "cache_results" in params and not launch.is_interpreter():
+            assert tuner.cache_results
