@@ -2,18 +2,21 @@
 
 This project's checkpoint is a dict with ``format`` = :data:`FORMAT`, ``model`` (the unwrapped model's state dict),
 ``model_config`` (:meth:`ModelConfig.to_dict`), and whatever else the trainer adds (``optimizer``, ``scheduler``,
-``iteration``, ``rng``, ``train_config``). An official checkpoint (mmseg layout) has no config: its dataset preset is
-recognised from the prompt-token count (VOC 10, Context 35, COCO 50) unless one is given.
+``iteration``, ``rng``, ``train_config``). An official checkpoint (mmseg layout) has no config: its preset is recognised
+(:func:`official_preset`: the dataset from the prompt-token count, VOC 10, Context 35, COCO 50; inductive or
+self-training from the loss buffer's size) unless one is given.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .catalog import dataset_info
 from .config import ModelConfig
 from .official import read_checkpoint
 
@@ -61,15 +64,39 @@ def read_any_checkpoint(path: str) -> Dict[str, Any]:
     return {"official_state_dict": read_checkpoint(raw if isinstance(raw, dict) else path)}
 
 
+_LOSS_BUFFER = "decode_head.loss_decode.criterion.empty_weight"
+
+
 def official_preset(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """The dataset preset an official checkpoint was trained with, from its prompt-token count."""
+    """The preset an official checkpoint was trained with: the dataset from its prompt-token count, inductive or
+    self-training (``-st``, no seen calibration at test time) from its loss buffer.
+
+    The official loss keeps ``empty_weight = ones(num_classes + 1)`` of the classes it trains on: the seen classes in
+    an inductive config, all of them in a self-training one (MODEL_SPEC.md section 7, item 15: 16 against 21 for VOC).
+    A checkpoint without that buffer is taken as inductive.
+    """
     prompts = state_dict.get("backbone.prompt_embeddings")
     if prompts is None:
         raise ValueError("not an official Cascade-CLIP checkpoint: backbone.prompt_embeddings is missing")
     tokens = prompts.shape[1]
     if tokens not in _PRESET_BY_PROMPTS:
         raise ValueError(f"official checkpoint with {tokens} prompt tokens matches no preset (10, 35, 50); pass a config")
-    return _PRESET_BY_PROMPTS[tokens]
+    dataset = _PRESET_BY_PROMPTS[tokens]
+    buffer = state_dict.get(_LOSS_BUFFER)
+    if buffer is None:
+        return dataset
+    info = dataset_info(dataset)
+    trained = buffer.numel() - 1
+    if trained == len(info.classes):
+        return f"{dataset}-st"
+    if trained != len(info.seen):
+        warnings.warn(
+            f"official {dataset} checkpoint: {_LOSS_BUFFER} has {buffer.numel()} entries, neither seen+1 "
+            f"({len(info.seen) + 1}, inductive) nor all+1 ({len(info.classes) + 1}, self-training); taking it as "
+            f"inductive (seen calibration {ModelConfig.preset(dataset).seen_calibration}); pass a config to choose",
+            stacklevel=2,
+        )
+    return dataset
 
 
 def load_model(

@@ -39,6 +39,37 @@ def test_official_preset_is_recognised_from_prompt_count():
         official_preset({"backbone.prompt_embeddings": torch.zeros(1, 7, 768)})
 
 
+@pytest.mark.parametrize("dataset,seen,total", [("voc", 15, 20), ("context", 49, 59), ("coco", 156, 171)])
+def test_official_self_training_checkpoint_is_recognised(dataset, seen, total):
+    """Inductive and self-training checkpoints differ in the loss buffer (ones(trained classes + 1)); a self-training
+    model is evaluated without the seen calibration (MODEL_SPEC.md 3.5, 6.3)."""
+    tokens = {"voc": 10, "context": 35, "coco": 50}[dataset]
+    prompts = {"backbone.prompt_embeddings": torch.zeros(1, tokens, 768)}
+    buffer = "decode_head.loss_decode.criterion.empty_weight"
+    assert official_preset(prompts) == dataset  # no buffer: inductive
+    assert official_preset({**prompts, buffer: torch.ones(seen + 1)}) == dataset
+    assert official_preset({**prompts, buffer: torch.ones(total + 1)}) == f"{dataset}-st"
+    assert ModelConfig.preset(f"{dataset}-st").seen_calibration == 0.0
+    with pytest.warns(UserWarning, match="taking it as inductive"):
+        assert official_preset({**prompts, buffer: torch.ones(seen + 3)}) == dataset
+
+
+def test_official_voc_st_checkpoint_loads_without_calibration(tmp_path):
+    tiny = {**TINY, "num_prompt_tokens": 10}  # VOC's count: the dataset is recognised from it
+    model = CascadeCLIP(ModelConfig.preset("voc-st", **tiny))
+    state = model.official_state_dict()
+    state["decode_head.loss_decode.criterion.empty_weight"] = torch.ones(21)
+    path = str(tmp_path / "voc_st.pth")
+    torch.save({"meta": {}, "state_dict": state}, path)
+    # the architecture overrides (tiny CLIP) are the caller's; the preset (and so the calibration) is recognised
+    loaded, _ = load_model(path, **tiny)
+    assert loaded.cfg.seen_calibration == 0.0
+    state["decode_head.loss_decode.criterion.empty_weight"] = torch.ones(16)
+    torch.save({"meta": {}, "state_dict": state}, path)
+    loaded, _ = load_model(path, **tiny)
+    assert loaded.cfg.seen_calibration == 0.1
+
+
 def test_mismatched_checkpoint_is_named(tmp_path):
     model = CascadeCLIP(ModelConfig.preset("voc", **TINY))
     path = str(tmp_path / "latest.pt")
