@@ -6,7 +6,7 @@ windows are averaged per pixel (MODEL_SPEC.md sections 3.5 and 4).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +68,26 @@ def slide_inference(
     return total / count
 
 
+def official_test_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """``(h, w)`` of the official test resize: mmseg 0.24 ``Resize(keep_ratio=True, min_size=short_side)`` sets the
+    target scale to the short side and the proportional long side, then ``mmcv.imrescale`` applies
+    ``min(long / max(H, W), short / min(H, W))`` and rounds half up (``int(x + 0.5)``), computed here the same way."""
+    if height > width:
+        target = (short_side * height / width, short_side)
+    else:
+        target = (short_side, short_side * width / height)
+    factor = min(max(target) / max(height, width), min(target) / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
 def resize_short_side(images: torch.Tensor, short_side: int) -> torch.Tensor:
-    """Official test scale: (B, 3, H, W) resized so min(H, W) == ``short_side``, aspect kept (bilinear, no antialias).
+    """Official test scale: (B, 3, H, W) resized to :func:`official_test_size` (short side ``short_side``, aspect kept;
+    bilinear, no antialias).
 
     mmseg resizes the uint8 image with OpenCV; bilinear resampling here differs from it by interpolation rounding only.
     """
     height, width = images.shape[-2:]
-    scale = short_side / min(height, width)
-    size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+    size = official_test_size(height, width, short_side)
     if size == (height, width):
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)

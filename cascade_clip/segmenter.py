@@ -22,8 +22,9 @@ from PIL import Image
 
 from .class_list import ClassList, official_templates, parse_classes
 from .image_io import normalize_rgb, read_rgb
-from .inference import resize_short_side, scores_at_original_size
+from .inference import scores_at_original_size
 from .text import DEFAULT_CACHE_DIR
+from .transforms import eval_resize
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 OFFICIAL_TEST_SHORT_SIDE = 512  # mmseg Resize(keep_ratio, min_size=512) of the official test pipeline
@@ -281,9 +282,12 @@ class Segmenter:
     def segment_rgb(self, rgb: np.ndarray, *, return_scores: bool = True) -> Segmentation:
         """(H, W, 3) uint8 RGB -> :class:`Segmentation` at (H, W)."""
         size = rgb.shape[:2]
-        images = normalize_rgb(rgb).unsqueeze(0).to(self.device)
         if self.short_side:
-            images = resize_short_side(images, self.short_side)
+            # the official test order: resize the 0..255 image, round it back to integers, then normalise
+            pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).to(self.device)
+            images = eval_resize(pixels, self.short_side)
+        else:
+            images = normalize_rgb(rgb).unsqueeze(0).to(self.device)
         scores = self.score_fn(images)
         if return_scores:
             full = scores_at_original_size(scores, size)[0]

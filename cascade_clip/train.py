@@ -251,7 +251,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                 model, text, dataset=cfg.data.dataset, root=cfg.data.root, split=cfg.data.val_split,
                 class_names=list(mcfg.class_names), seen=list(mcfg.seen), calibrate=list(mcfg.seen),
                 short_side=cfg.eval.short_side, device=device, num_workers=min(cfg.data.num_workers, 2),
-                autocast_dtype=dtype, dist_info=info, progress=True,
+                autocast_dtype=autocast_dtype(cfg.eval.precision, device), dist_info=info, progress=True,
             )
             if info.is_main:
                 say(f"--- evaluation {tag} ({cfg.data.val_split}) ---\n{metrics.table(mcfg.seen)}")

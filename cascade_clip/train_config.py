@@ -86,6 +86,9 @@ class TrainSection:
 class EvalSection:
     short_side: int = 512  # test scale: short side resized to this (official Resize min_size=512 in (2048, 512))
     save_preds: Optional[str] = None
+    # autocast of the evaluations inside `train` on a GPU: fp32 (official; the same numbers as `cascade-clip eval`,
+    # whose --precision defaults to fp32 too), bf16 or fp16. Training precision does not carry over.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -260,6 +263,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.precision must be bf16, fp16 or fp32, got {t.precision!r}")
     if t.kernels not in ("auto", "triton", "cpp", "reference"):
         raise ValueError(f"train.kernels must be auto, triton, cpp or reference, got {t.kernels!r}")
+    if cfg.eval.precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"eval.precision must be bf16, fp16 or fp32, got {cfg.eval.precision!r}")
     if t.compile not in COMPILE_MODES:
         raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
     if o.lr <= 0 or o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1:

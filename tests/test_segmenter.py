@@ -70,3 +70,41 @@ def test_labels_without_scores_equal_argmax(segmenter):
     scores = torch.randn(1, 7, 5, 6)
     torch.testing.assert_close(labels_at_size(scores, (23, 17), chunk=2),
                                torch.nn.functional.interpolate(scores, (23, 17), mode="bilinear").argmax(1)[0])
+
+
+def test_model_input_is_the_official_test_preprocessing():
+    """predict's model input equals cascade-clip eval's: resize the 0..255 image to the official test size, round
+    back to integers, then normalise (mmseg's order), not normalise-then-resize in floats."""
+    from cascade_clip.transforms import eval_resize
+
+    seen_inputs = []
+
+    def score_fn(images):
+        seen_inputs.append(images)
+        return torch.zeros(1, 2, *images.shape[-2:])
+
+    rgb = np.random.default_rng(1).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    Segmenter(score_fn=score_fn, class_names=["a", "b"], short_side=64)(rgb)
+    (got,) = seen_inputs
+    assert got.shape[-2:] == (64, 96)
+    expected = eval_resize(torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0), 64)
+    assert torch.equal(got, expected)
+    # normalise-then-resize (the old order) gives another input: the test can tell them apart
+    from cascade_clip.image_io import normalize_rgb
+    from cascade_clip.inference import resize_short_side
+
+    assert not torch.allclose(resize_short_side(normalize_rgb(rgb).unsqueeze(0), 64), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("size,expected", [
+    ((375, 500), (512, 683)),  # a VOC image: 666.67 -> 683 (500 * 512 / 375 = 682.67)
+    ((500, 375), (683, 512)),
+    ((480, 640), (512, 683)),  # COCO
+    ((1024, 1025), (512, 513)),  # 512.5 rounds half up as in mmcv (Python's round would give 512)
+    ((512, 512), (512, 512)),
+    ((100, 1000), (512, 5120)),  # min_size: the (2048, 512) scale's long-side cap does not bind
+])
+def test_official_test_size(size, expected):
+    from cascade_clip.inference import official_test_size
+
+    assert official_test_size(*size, 512) == expected

@@ -58,6 +58,10 @@ def test_presets_and_overrides(capsys):
         resolve("voc", ["train.iterz=3"])
     with pytest.raises(ValueError, match="train.iters: expected int"):
         resolve("voc", ["train.iters=many"])
+    assert preset("voc").eval.precision == "fp32"  # in-training evaluations as `cascade-clip eval`, whatever train.precision
+    assert resolve("voc", ["eval.precision=bf16"]).eval.precision == "bf16"
+    with pytest.raises(ValueError, match="eval.precision must be bf16, fp16 or fp32, got 'fp8'"):
+        resolve("voc", ["eval.precision=fp8"])
     shown = json.loads(config_cli.main(["show", "--config", "coco-st", "--set", "train.iters=9"]))
     assert shown["train"]["iters"] == 9 and shown["train"]["transductive"] and shown["model"]["clip_model"] == "ViT-B-16"
 
