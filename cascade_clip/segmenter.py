@@ -178,8 +178,10 @@ class Segmenter:
 
         ``classes``: names, a preset (``"voc"``), a class file or ``"a,b,c"``. Text: ``text_embeddings`` (.npy, one row
         per class) or computed (``clip_weights`` > the checkpoint's ``text_encoder.*`` > its config's
-        ``clip_pretrained``) with ``templates`` (default: the checkpoint dataset's official set). ``seen``: class
-        names to calibrate; None = those of the list the checkpoint was trained on; ``calibration=False``: none.
+        ``clip_pretrained``) with ``templates`` (default: the official set of the preset ``classes`` name, else of
+        the checkpoint's dataset). ``seen``: class names to calibrate; None = those of the list the checkpoint was
+        trained on, or none when ``classes`` is another dataset's preset (cross-dataset, as officially);
+        ``calibration=False``: none.
         ``config``/``overrides``: as :func:`cascade_clip.checkpoint.load_model` (e.g. ``crop_size``).
         """
         from .checkpoint import load_model
@@ -208,12 +210,20 @@ class Segmenter:
         else:
             source = pick_text_weights(clip_model=cfg.clip_model, clip_weights=clip_weights, checkpoint_path=path,
                                        checkpoint_raw=raw, checkpoint_config=config or stored_cfg)
-            text = embeddings_for(class_list.names, source, templates=templates or official_templates(cfg.dataset),
+            # a preset class list is embedded as the official configs embed that dataset (eval does the same)
+            default_templates = official_templates(class_list.preset or cfg.dataset)
+            text = embeddings_for(class_list.names, source, templates=templates or default_templates,
                                   cache_dir=cache_dir, device=device)
         if text.shape[1] != model.embed_dim:
             raise ValueError(f"text embeddings are {text.shape[1]} wide, the model in {path} needs {model.embed_dim}")
         text = text.to(device)
-        seen_idx = _seen_indices(class_list.names, cfg.class_names, cfg.seen, seen) if calibration else ()
+        cross_dataset = seen is None and class_list.preset not in (None, cfg.dataset)
+        if not calibration or cross_dataset:
+            # cross-dataset (a COCO model on the voc/context list): every class counts as seen, as in the official
+            # coco2voc/coco2context configs and `cascade-clip eval`; calibrating all rows alike changes no label
+            seen_idx = ()
+        else:
+            seen_idx = _seen_indices(class_list.names, cfg.class_names, cfg.seen, seen)
 
         def score_fn(images: torch.Tensor) -> torch.Tensor:
             return model.segment(images, text, seen=seen_idx)

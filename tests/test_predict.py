@@ -154,6 +154,11 @@ def test_calibration_follows_the_checkpoint_seen_classes(setup):
     torch.testing.assert_close(difference[2], torch.zeros_like(difference[2]))
     with pytest.raises(ValueError, match="not in the class list"):
         Segmenter.from_checkpoint(ckpt, "cat,dog", seen=["sheep"], **kwargs)
+    # the checkpoint's own preset: its seen classes; another dataset's preset: cross-dataset, nothing calibrated (as the
+    # official coco2voc/coco2context configs and `cascade-clip eval`), unless asked
+    assert Segmenter.from_checkpoint(ckpt, "voc", **kwargs).seen == tuple(range(15))
+    assert Segmenter.from_checkpoint(ckpt, "context", **kwargs).seen == ()
+    assert Segmenter.from_checkpoint(ckpt, "context", seen=["cat"], **kwargs).seen == (14,)  # "cat" is row 14 of Context
 
 
 @pytest.mark.parametrize(
