@@ -8,11 +8,13 @@ and both terms are divided by the number of (image, present class) pairs, all-re
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from . import ops
 
 IGNORE_INDEX = 255
 
@@ -44,38 +46,26 @@ def segmentation_loss(
     focal_weight: float = 100.0,
     dice_weight: float = 1.0,
     ignore_pixels: bool = False,
+    backend: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """mask_logits (B, C, H', W') pre-sigmoid, labels (B, H, W) in [0, C) or 255 -> loss dict.
 
-    Returns ``loss_mask`` (focal, weighted), ``loss_dice`` (weighted) and their sum ``loss``.
+    Returns ``loss_mask`` (focal, weighted), ``loss_dice`` (weighted) and their sum ``loss``. ``backend``: the
+    :mod:`cascade_clip.ops` backend of the pixel sums (default: the process default, as for the head's ops).
     """
     num_classes = mask_logits.shape[1]
     check_labels(labels, num_classes)
     if mask_logits.shape[-2:] != labels.shape[-2:]:
         mask_logits = F.interpolate(mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    x = mask_logits.float()
-    ignored = labels == IGNORE_INDEX
-    # One-hot targets; ignored pixels get an all-zero row (negatives for every class, as officially).
-    target = F.one_hot(labels.masked_fill(ignored, 0), num_classes).permute(0, 3, 1, 2).to(x.dtype)
-    target = target.masked_fill(ignored.unsqueeze(1), 0.0)
-    present = target.flatten(2).amax(dim=2) > 0  # (B, C)
+    # per (image, class): sums over pixels of the focal term, p, p * t and t (one fused pass on the triton backend;
+    # the reference backend is the official element-wise formulation)
+    sums = ops.loss_sums(mask_logits, labels, ignore_pixels=ignore_pixels, backend=backend)
+    focal_sum, p_sum, pt_sum, t_sum = sums.unbind(dim=-1)
+    present = t_sum > 0  # (B, C): the classes present in each image
     num_masks = _num_masks(present)
 
-    prob = torch.sigmoid(x)
-    bce = F.binary_cross_entropy_with_logits(x, target, reduction="none")
-    p_t = prob * target + (1 - prob) * (1 - target)
-    alpha_t = 0.25 * target + 0.75 * (1 - target)
-    focal = bce * (1 - p_t) ** 2 * alpha_t
-    if ignore_pixels:
-        keep = (~ignored).unsqueeze(1).to(x.dtype)
-        focal = focal * keep
-        prob = prob * keep
     pixels = labels.shape[-2] * labels.shape[-1]
-    loss_mask = focal.sum() / pixels / num_masks
-
-    p_sum = prob.flatten(2).sum(dim=2)
-    t_sum = target.flatten(2).sum(dim=2)
-    pt_sum = (prob * target).flatten(2).sum(dim=2)
+    loss_mask = focal_sum.sum() / pixels / num_masks
     dice = 1 - (2 * pt_sum + 1) / (p_sum + t_sum + 1)  # (B, C)
     loss_dice = (dice * present).sum() / num_masks
 

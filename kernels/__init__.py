@@ -1,7 +1,7 @@
 """Fused Triton kernels for the head ops, installed as ``cascade_clip.kernels``.
 
 The ``"triton"`` backend of :mod:`cascade_clip.ops` is loaded through :func:`load_backend`. Each op lives in its own
-module (``nga``, ``descriptor``, ``mask_logits``) as three layers: ``@triton.jit`` kernels, a plain-Python launcher,
+module (``nga``, ``descriptor``, ``mask_logits``, ``loss_sums``) as three layers: ``@triton.jit`` kernels, a plain-Python launcher,
 and a ``torch.library.custom_op`` in the ``cascade_clip_triton`` namespace with a fake and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces through it. Launch settings come from :mod:`.launch`.
 
@@ -20,7 +20,8 @@ def load_backend():
     from cascade_clip.ops.registry import Backend
 
     from .descriptor import descriptor
+    from .loss_sums import loss_sums
     from .mask_logits import mask_logits
     from .nga import nga
 
-    return Backend("triton", nga, descriptor, mask_logits, devices=("cuda",))
+    return Backend("triton", nga, descriptor, mask_logits, devices=("cuda",), loss_sums=loss_sums)

@@ -2,7 +2,7 @@
 
 Runs on the CPU. The CPU interpreter executes kernels as Python, so it accepts code the real compiler refuses (a
 plain Python float global inside ``@jit`` code passed every interpreter test here and failed on the first H200 run).
-This test records each launch the three ops make (forward and backward, ``normalize`` both ways; the dtypes, shapes
+This test records each launch the ops make (forward and backward, ``normalize`` both ways; the dtypes, shapes
 and targets of ``PLAN``) without running the kernels, adds every GPU autotune config of the autotuned forward, and
 compiles each distinct launch to a cubin in a child process without ``TRITON_INTERPRET``
 (``compile_kernels_for_gpu.py``). Whether the kernels are *correct* is
@@ -27,7 +27,7 @@ from cascade_clip import ops  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 CAPABILITIES = (80, 90)
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-              torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+              torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
 
 pytestmark = pytest.mark.skipif(
@@ -102,6 +102,12 @@ def _run_all_ops(dtype: torch.dtype, shapes: str):
     for C, N, d in mask_shapes:
         for normalize in (False, True):
             ops.mask_logits(rnd(3, 2, C, d), rnd(3, 2, N, d), 0.125, normalize=normalize, backend="triton").sum().backward()
+    # the loss sums: labels as the data pipeline gives them (int64) and as uint8 masks
+    loss_shapes = ((2, 3, 5, 7),) if shapes == SMALL else ((2, 15, 512, 512), (1, 171, 64, 64))
+    for (B, C, H, W), label_dtype in zip(loss_shapes * 2, (torch.int64,) * len(loss_shapes) + (torch.uint8,)):
+        labels = torch.randint(0, C, (B, H, W), generator=g).to(label_dtype)
+        for ignore_pixels in (False, True):
+            ops.loss_sums(rnd(B, C, H, W), labels, ignore_pixels=ignore_pixels, backend="triton").sum().backward()
 
 
 # (dtype, fp32 matmul precision, shapes, capabilities, with every GPU autotune config). Chosen to cover each code
@@ -159,13 +165,14 @@ def collect_jobs():
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     jobs = collect_jobs()
     names = {job["name"] for job in jobs}
-    # every kernel of the package is exercised (a new kernel that no op launches would be missed silently)
-    from cascade_clip.kernels import descriptor, mask_logits, nga
+    # every kernel of the package is exercised (a new kernel that no op launches would be missed silently); the
+    # other @jit functions are device helpers, compiled inside the kernels that call them
+    from cascade_clip.kernels import descriptor, loss_sums, mask_logits, nga
 
     defined = {
-        name for module in (nga, descriptor, mask_logits) for name, value in vars(module).items()
-        if isinstance(value, (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner))
-        or type(value).__name__ == "InterpretedFunction"
+        name for module in (nga, descriptor, mask_logits, loss_sums) for name, value in vars(module).items()
+        if (isinstance(value, (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner))
+            or type(value).__name__ == "InterpretedFunction") and name.endswith("_kernel")
     }
     assert defined and defined <= names, f"kernels never launched by the recorded ops: {sorted(defined - names)}"
 

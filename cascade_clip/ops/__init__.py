@@ -1,4 +1,4 @@
-"""The three hot ops of the Cascade-CLIP head, behind a backend switch.
+"""The hot ops of Cascade-CLIP (the head's three and the loss's sums), behind a backend switch.
 
 Every function validates its inputs here, once, and then hands them to the selected backend
 (``"reference"`` PyTorch, ``"triton"`` fused kernels, ``"cpp"`` C++ extension). Model code only calls these functions,
@@ -12,6 +12,10 @@ so a new backend never touches the model. Gradients flow to every floating-point
   -> ``(B, C, N)``; ``sum_s scale[s] * <q_hat[s, b, c], k_hat[s, b, n]>`` where ``x_hat = x / max(|x|, 1e-12)``
   if ``normalize`` else ``x``. The decoder's head-averaged attention logits are this op with
   ``scale = head_dim ** -0.5 / heads``.
+* ``loss_sums(logits, labels, ignore_pixels=False)``: logits ``(B, C, H, W)``, labels ``(B, H, W)`` integers in
+  ``[0, C)`` or 255 -> ``(B, C, 4)`` float32: per image and class, the pixel sums of the official loss's focal term,
+  of ``p = sigmoid(x)``, of ``p * t`` and of ``t`` (``t`` = one-hot target; 255 = negative everywhere, or skipped in
+  the first three sums with ``ignore_pixels``). :func:`cascade_clip.loss.segmentation_loss` builds the loss from them.
 
 The ops ignore ``torch.autocast``: every backend computes from its inputs' dtypes as above (the model casts what it
 passes), so a region under autocast gets the same numbers from every backend as outside it.
@@ -29,6 +33,7 @@ __all__ = [
     "nga",
     "descriptor",
     "mask_logits",
+    "loss_sums",
     "available_backends",
     "set_backend",
     "get_backend",
@@ -136,3 +141,25 @@ def mask_logits(
     _require(scale.shape == (q.shape[0],), f"mask_logits: scale must be a float or (S,) = ({q.shape[0]},), got {tuple(scale.shape)}")
     device = _check_same_device(q=q, k=k, scale=scale)
     return _without_autocast(resolve(backend, device).mask_logits, device, q, k, scale, bool(normalize))
+
+
+def loss_sums(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_pixels: bool = False, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Pixel sums of the official focal + dice loss per image and class channel.
+
+    logits ``(B, C, H, W)`` (any float dtype, computed in float32), labels ``(B, H, W)`` integers in ``[0, C)`` or
+    255 -> ``(B, C, 4)`` float32 ``[sum focal, sum p, sum p * t, sum t]``; differentiable in ``logits``.
+    """
+    _check_float("logits", logits)
+    _require(isinstance(labels, torch.Tensor) and not labels.is_floating_point() and not labels.is_complex()
+             and labels.dtype != torch.bool,
+             f"loss_sums: labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    _require(logits.dim() == 4, f"loss_sums: logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    _require(
+        labels.shape == (logits.shape[0], *logits.shape[2:]),
+        f"loss_sums: labels must be (B, H, W) = {(logits.shape[0], *logits.shape[2:])}, got {tuple(labels.shape)}",
+    )
+    _require(logits.shape[1] < 255, f"loss_sums: at most 254 classes (255 is the ignore label), got {logits.shape[1]}")
+    device = _check_same_device(logits=logits, labels=labels)
+    return _without_autocast(resolve(backend, device).loss_sums, device, logits, labels, bool(ignore_pixels))

@@ -9,6 +9,7 @@ Shapes (the API of :mod:`cascade_clip.ops`):
 * ``nga``:         feats ``(S, K, B, N, D)``, weights ``(S, K)``                  -> ``(S, B, N, D)``
 * ``descriptor``:  text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)``
 * ``mask_logits``: q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale ``(S,)``         -> ``(B, C, N)``
+* ``loss_sums``:   logits ``(B, C, H, W)``, labels ``(B, H, W)``, ignore_pixels    -> ``(B, C, 4)`` float32
 """
 
 from __future__ import annotations
@@ -53,3 +54,28 @@ def mask_logits(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, normalize
         k_a = F.normalize(k_a, dim=-1)
     out = torch.einsum("sbcd,sbnd,s->bcn", q_a, k_a, scale.to(acc))
     return out.to(q.dtype)
+
+
+IGNORE_INDEX = 255
+
+
+def loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_pixels: bool) -> torch.Tensor:
+    """Per-(image, class) pixel sums of the official loss, ``(B, C, 4)``: focal term, sigmoid, sigmoid * target,
+    target; the official formulation (one-hot targets, BCE with logits, ``(1 - p_t)^2 * alpha_t``) in float32.
+
+    Label-255 pixels are negatives of every class, or (``ignore_pixels``) left out of the first three sums."""
+    acc = _acc_dtype(logits)
+    x = logits.to(acc)
+    classes = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    target = (labels.unsqueeze(1) == classes).to(acc)  # label 255 matches no class (C < 255)
+    prob = torch.sigmoid(x)
+    bce = F.binary_cross_entropy_with_logits(x, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = 0.25 * target + 0.75 * (1 - target)
+    focal = bce * (1 - p_t) ** 2 * alpha_t
+    if ignore_pixels:
+        keep = (labels != IGNORE_INDEX).unsqueeze(1).to(acc)
+        focal = focal * keep
+        prob = prob * keep
+    sums = [focal, prob, prob * target, target]
+    return torch.stack([t.sum(dim=(2, 3)) for t in sums], dim=-1)

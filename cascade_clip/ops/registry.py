@@ -1,7 +1,7 @@
 """Backend registry of :mod:`cascade_clip.ops`.
 
-A backend is a named triple of functions ``(nga, descriptor, mask_logits)`` with the signatures of
-:mod:`cascade_clip.ops.reference`. Backends other than ``"reference"`` are loaded lazily by a loader function, so a
+A backend is a named set of functions ``(nga, descriptor, mask_logits, loss_sums)`` with the signatures of
+:mod:`cascade_clip.ops.reference` (``loss_sums`` defaults to the reference one). Backends other than ``"reference"`` are loaded lazily by a loader function, so a
 missing Triton or a C++ extension built for another torch only removes that backend; it never breaks the import.
 
 The process default is ``"auto"`` unless ``CASCADE_CLIP_BACKEND`` names another backend; :func:`set_backend` changes
@@ -36,6 +36,8 @@ class Backend:
     mask_logits: Callable
     # Which tensor devices ("cpu", "cuda") this backend is meant for; "auto" only routes those here.
     devices: tuple = ("cpu", "cuda")
+    # The loss's per-mask sums; backends without their own (the C++ one) compute them with the reference.
+    loss_sums: Callable = reference.loss_sums
 
 
 # name -> "module:function" returning a Backend (or raising ImportError/RuntimeError when unavailable).

@@ -1,0 +1,199 @@
+"""``ops.loss_sums`` (the fused sums of the official focal + dice loss): the triton backend against the reference
+backend (the official element-wise formulation), outputs and logit gradients, and the loss built on them.
+
+On a CPU-only machine the kernels run under Triton's interpreter at small, awkward shapes; the op has no ``tl.dot``,
+so every dtype runs here. With a GPU the ``gpu`` tests add the training shapes (512 x 512, up to 171 classes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade_clip import ops
+from cascade_clip.loss import segmentation_loss
+
+triton = pytest.importorskip("triton")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+
+# Tolerances (atol, rtol), atol relative to the reference's largest magnitude (``atol * max(1, max|ref|)``).
+# Sums: both backends compute in float32 from the same inputs (a half-precision logit converts to float32 exactly), so
+# only the summation order and the transcendental functions differ: float32 tolerances for every input dtype.
+SUMS_TOLERANCE = (1e-5, 1e-5)
+# Logit gradients are stored in the logits' dtype: the two float32 values may round to neighbouring half-precision
+# numbers (one ulp: 2^-11 relative in float16, 2^-8 in bfloat16).
+GRAD_TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _assert_close(name, actual, expected, tolerance):
+    atol, rtol = tolerance
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{name}: {tuple(actual.shape)} {actual.dtype} != {tuple(expected.shape)} {expected.dtype}")
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err, bound = (a - e).abs(), atol * scale + rtol * e.abs()
+    bad = err > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())}/{err.numel()} out of tolerance {tolerance}; max abs err "
+                           f"{err.max().item():.3e} (reference magnitude {scale:.3g})")
+
+
+def _inputs(B, C, H, W, dtype, *, label_dtype=torch.int64, ignored=0.2, logit_scale=3.0):
+    logits = (torch.randn(B, C, H, W, device=DEVICE) * logit_scale).to(dtype)
+    labels = torch.randint(0, C, (B, H, W), device=DEVICE)
+    labels[torch.rand(B, H, W, device=DEVICE) < ignored] = 255
+    return logits, labels.to(label_dtype)
+
+
+def _check_parity(logits, labels, ignore_pixels, grad="random"):
+    ref_x = logits.detach().clone().requires_grad_()
+    tri_x = logits.detach().clone().requires_grad_()
+    ref = ops.loss_sums(ref_x, labels, ignore_pixels=ignore_pixels, backend="reference")
+    tri = ops.loss_sums(tri_x, labels, ignore_pixels=ignore_pixels, backend="triton")
+    assert ref.dtype == tri.dtype == torch.float32 and ref.shape == (logits.shape[0], logits.shape[1], 4)
+    _assert_close("sums", tri, ref, SUMS_TOLERANCE)
+    assert torch.equal(tri[..., 3], ref[..., 3]), "target counts are integers: they must match exactly"
+    if grad == "sum":  # an expanded (stride-0) gradient
+        ref.sum().backward()
+        tri.sum().backward()
+    else:
+        cotangent = torch.randn(ref.shape, device=DEVICE)
+        ref.backward(cotangent)
+        tri.backward(cotangent)
+    _assert_close("dlogits", tri_x.grad, ref_x.grad, GRAD_TOLERANCES[logits.dtype])
+
+
+# (B, C, H, W): odd and prime sizes, one class, one pixel, a block boundary (1024 pixels) crossed
+SHAPES = [(2, 5, 7, 9), (1, 1, 1, 1), (3, 4, 37, 29), (1, 3, 32, 33)]
+
+
+@pytest.mark.parametrize("ignore_pixels", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_sums_parity(shape, dtype, ignore_pixels):
+    _check_parity(*_inputs(*shape, dtype), ignore_pixels)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32])
+def test_label_dtypes(label_dtype):
+    _check_parity(*_inputs(2, 6, 11, 13, torch.float32, label_dtype=label_dtype), ignore_pixels=True)
+
+
+def test_saturated_logits_all_ignored_image_and_absent_classes():
+    """Logits of +-40 (sigmoid is exactly 0 or 1 in float32), an image with only ignore labels, classes absent."""
+    logits, labels = _inputs(3, 4, 9, 10, torch.float32, logit_scale=25.0)
+    logits[0, 0, :3] = 40.0
+    logits[0, 1, :3] = -40.0
+    labels[1] = 255
+    labels[2] = 3  # classes 0-2 absent from image 2
+    for ignore_pixels in (False, True):
+        _check_parity(logits, labels, ignore_pixels)
+
+
+def test_noncontiguous_logits_and_labels_stride0_grad():
+    base = torch.randn(2, 9, 11, 5, device=DEVICE)
+    logits = base.permute(0, 3, 2, 1)  # (B, C, H, W) = (2, 5, 11, 9), channels innermost in memory
+    labels = torch.randint(0, 5, (2, 9, 11), device=DEVICE).transpose(1, 2)
+    assert not logits.is_contiguous() and not labels.is_contiguous()
+    _check_parity(logits, labels, ignore_pixels=False, grad="sum")
+
+
+def test_sums_are_what_they_say():
+    """The reference sums against a direct count on a tiny case (the reference is the official formulation)."""
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]], device=DEVICE)  # (1, 1, 2, 2)
+    labels = torch.tensor([[[0, 255], [0, 7]]], device=DEVICE)
+    for backend in ("reference", "triton"):
+        sums = ops.loss_sums(logits, labels, backend=backend)[0, 0]
+        p = torch.sigmoid(logits.flatten())
+        assert torch.allclose(sums[1], p.sum()) and torch.allclose(sums[2], p[0] + p[2])
+        assert sums[3].item() == 2.0
+        kept = ops.loss_sums(logits, labels, ignore_pixels=True, backend=backend)[0, 0]
+        assert torch.allclose(kept[1], p[[0, 2, 3]].sum())
+
+
+@pytest.mark.parametrize("ignore_pixels", [False, True])
+def test_segmentation_loss_same_on_both_backends(ignore_pixels):
+    """The whole loss (focal x100 + dice) and its gradient through either backend's sums."""
+    logits, labels = _inputs(2, 6, 16, 15, torch.float32)
+    results = {}
+    for backend in ("reference", "triton"):
+        x = logits.clone().requires_grad_()
+        losses = segmentation_loss(x, labels, ignore_pixels=ignore_pixels, backend=backend)
+        losses["loss"].backward()
+        results[backend] = (losses, x.grad)
+    (ref, ref_grad), (tri, tri_grad) = results["reference"], results["triton"]
+    for key in ("loss_mask", "loss_dice", "loss"):
+        _assert_close(key, tri[key], ref[key], SUMS_TOLERANCE)
+    _assert_close("dlogits", tri_grad, ref_grad, GRAD_TOLERANCES[torch.float32])
+
+
+def test_bad_inputs_are_named():
+    logits, labels = _inputs(2, 3, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match=r"labels must be \(B, H, W\) = \(2, 4, 5\), got \(2, 4, 6\)"):
+        ops.loss_sums(logits, torch.zeros(2, 4, 6, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="labels must be an integer tensor, got torch.float32"):
+        ops.loss_sums(logits, labels.float())
+    with pytest.raises(ValueError, match=r"logits must be \(B, C, H, W\)"):
+        ops.loss_sums(logits[0], labels)
+    with pytest.raises(ValueError, match="at most 254 classes"):
+        ops.loss_sums(torch.zeros(1, 255, 1, 1, device=DEVICE), torch.zeros(1, 1, 1, dtype=torch.long, device=DEVICE))
+
+
+def test_opcheck_loss_sums():
+    from cascade_clip.kernels.loss_sums import loss_sums_op
+
+    logits, labels = _inputs(2, 3, 5, 7, torch.float32)
+    for ignore_pixels in (False, True):
+        torch.library.opcheck(loss_sums_op, (logits.clone().requires_grad_(), labels, ignore_pixels))
+
+
+def test_eager_path_equals_custom_op():
+    """Eager mode runs an autograd.Function, torch.compile the custom op: the same launchers, bitwise-equal results."""
+    from cascade_clip.kernels import loss_sums as module
+
+    logits, labels = _inputs(2, 4, 9, 8, torch.float32)
+    outs = []
+    for fn in (module.loss_sums, module.loss_sums_op):
+        x = logits.clone().requires_grad_()
+        y = fn(x, labels, False)
+        y.backward(torch.ones_like(y))
+        outs.append((y, x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("classes", [15, 171])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_sums_parity_training_shapes(classes, dtype):
+    """B=2, 512 x 512 (the training crop), VOC's 15 and COCO-Stuff's 171 classes."""
+    _check_parity(*_inputs(2, classes, 512, 512, dtype), ignore_pixels=False)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_loss_compiles_without_graph_breaks():
+    logits, labels = _inputs(2, 15, 64, 64, torch.bfloat16)
+    x = logits.clone().requires_grad_()
+
+    def loss_fn(x, labels):
+        return segmentation_loss(x, labels, backend="triton")["loss"]
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    compiled(x, labels).backward()
+    y = logits.clone().requires_grad_()
+    loss_fn(y, labels).backward()
+    _assert_close("dlogits", x.grad, y.grad, GRAD_TOLERANCES[torch.bfloat16])
