@@ -4,13 +4,15 @@ Used by ``bench/bench_gpu.py`` (the script that appends to a CSV) and ``bench/te
 pytest-benchmark tests), so both time exactly the same callables on the same inputs.
 
 Providers: ``eager`` is the official formulation (``bench/official_ops.py``: Python sum over taps, concat + Linear,
-per-head logits averaged over heads), ``compile`` is ``torch.compile`` of it, ``triton`` is our backend through
-``cascade_clip.ops``. Modes: ``fwd`` and ``fwd+bwd`` (backward of a fixed random cotangent to every float input).
+per-head logits averaged over heads, the element-wise focal + dice loss), ``compile`` is ``torch.compile`` of it,
+``triton`` is our backend through ``cascade_clip.ops`` (for the loss: ``cascade_clip.loss.segmentation_loss`` on the
+fused ``loss_sums``). Modes: ``fwd`` and ``fwd+bwd`` (backward of a fixed random cotangent to every float input).
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 import time
@@ -29,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's head shapes: 3 stages, 3 NGA taps, 32x32 patches, width 512, 8 heads in the decoder.
 STAGES, TAPS, WIDTH, HEADS = 3, 3, 512, 8
 GRID_N = 32 * 32
+LOSS_SIDE = 512  # the loss runs on the (B, C, 512, 512) upsampled mask logits of a training crop
 BATCHES = (4, 8, 16)
 CLASSES = (15, 20, 59, 171)  # class counts of the paper's zero-shot benchmarks (unseen/seen splits, Context, COCO-Stuff)
 DTYPES = ("bf16", "fp32")
@@ -65,6 +68,9 @@ class Case:
 
     @property
     def shape(self) -> str:
+        if self.op == "loss":
+            side = math.isqrt(self.N)
+            return f"B{self.B},C{self.C},H{side},W{side}"
         if self.op == "nga":
             return f"S{self.S},K{self.K},B{self.B},N{self.N},D{self.D}"
         if self.op == "descriptor":
@@ -77,10 +83,13 @@ class Case:
         return f"{self.op}{v}-{self.shape}-{self.dtype}"
 
 
+OPS = ("nga", "descriptor", "mask_logits", "loss")
+
+
 def cases(batches: Sequence[int] = BATCHES, classes: Sequence[int] = CLASSES, dtypes: Sequence[str] = DTYPES,
-          N: int = GRID_N, D: int = WIDTH, ops: Sequence[str] = ("nga", "descriptor", "mask_logits")) -> List[Case]:
-    """All cases, most important first (B=8 in every dtype leads: the issue's targets), so a run cut short by a
-    timeout has already measured them."""
+          N: int = GRID_N, D: int = WIDTH, ops: Sequence[str] = OPS, loss_side: int = LOSS_SIDE) -> List[Case]:
+    """All cases, most important first (B=8 in every dtype leads: the issue's targets; the loss comes after the head
+    ops), so a run cut short by a timeout has already measured them."""
     out: List[Case] = []
     order_b = sorted(batches, key=lambda b: (b != 8, b))
     for B in order_b:
@@ -94,6 +103,8 @@ def cases(batches: Sequence[int] = BATCHES, classes: Sequence[int] = CLASSES, dt
                     out.append(Case("mask_logits", B, dtype, C=C, N=N, D=D, variant="attn"))
                     if B == 8:
                         out.append(Case("mask_logits", B, dtype, C=C, N=N, D=D, variant="cos"))
+        if "loss" in ops:
+            out += [Case("loss", B, dtype, C=C, N=loss_side**2) for dtype in dtypes for C in classes]
     return out
 
 
@@ -107,6 +118,11 @@ def make_inputs(case: Case, device: str, requires_grad: bool) -> List[torch.Tens
     def rnd(*shape, scale=1.0, dtype=dt):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype).requires_grad_(requires_grad)
 
+    if case.op == "loss":  # upsampled mask logits and labels with 10% ignore pixels
+        side = math.isqrt(case.N)
+        labels = torch.randint(0, case.C, (case.B, side, side), generator=g, device=device)
+        labels[torch.rand(labels.shape, generator=g, device=device) < 0.1] = 255
+        return [rnd(case.B, case.C, side, side, scale=3.0), labels]
     if case.op == "nga":
         return [rnd(case.S, case.K, case.B, case.N, case.D), rnd(case.S, case.K, dtype=torch.float32, scale=0.3)]
     if case.op == "descriptor":
@@ -128,6 +144,8 @@ def eager_fn(case: Case) -> Callable:
         return official_ops.nga
     if case.op == "descriptor":
         return official_ops.descriptor
+    if case.op == "loss":
+        return official_ops.seg_loss
     heads, normalize, _ = _mask_params(case)
     return lambda q, k: official_ops.mask_logits(q, k, heads, normalize)
 
@@ -160,6 +178,11 @@ def provider_fn(case: Case, provider: str, device: str) -> Callable:
             return lambda f, w: ops.nga(f, w, backend="triton")
         if case.op == "descriptor":
             return lambda t, g, w, b: ops.descriptor(t, g, w, b, backend="triton")
+        if case.op == "loss":
+            from cascade_clip.loss import segmentation_loss
+
+            # labels are valid by construction: no validation (it waits for the GPU, and a CUDA graph cannot)
+            return lambda x, y: segmentation_loss(x, y, backend="triton", validate_labels=False)["loss"]
         _, normalize, scale = _mask_params(case)
         scale_t = torch.full((case.S,), scale, dtype=torch.float32, device=device)
         return lambda q, k: ops.mask_logits(q, k, scale_t, normalize=normalize, backend="triton")
@@ -192,6 +215,10 @@ def work(case: Case, mode: str):
     time only."""
     es = torch.empty(0, dtype=DTYPE_OF[case.dtype]).element_size()
     S, K, B, N, D, C = case.S, case.K, case.B, case.N, case.D, case.C
+    if case.op == "loss":
+        # fwd: read the logits B*C*N and the int64 labels B*N; bwd: read both again, write d logits. No matmul.
+        logits, labels = B * C * N * es, B * N * 8
+        return (logits + labels if mode == "fwd" else 3 * logits + 2 * labels), 0
     if case.op == "nga":
         M = B * N * D
         # fwd: read S*K*M taps, write S*M; bwd: read grad S*M and taps S*K*M, write S*K*M tap grads

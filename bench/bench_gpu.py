@@ -1,4 +1,4 @@
-"""GPU benchmark of the three head ops: eager official formulation vs torch.compile of it vs the Triton kernels.
+"""GPU benchmark of the head ops and the loss: eager official formulation vs torch.compile of it vs the Triton kernels.
 
     python bench/bench_gpu.py --out DIR            # all cases on the GPU, rows appended to DIR/results_gpu.csv
     python bench/bench_gpu.py --dry-run --out DIR  # CPU, Triton interpreter, tiny shapes: checks the plumbing only
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created); the CSV and log go there")
     p.add_argument("--csv", default=None, help="CSV path (default OUT/results_gpu.csv); rows are appended")
-    p.add_argument("--ops", type=_strs, default=("nga", "descriptor", "mask_logits"))
+    p.add_argument("--ops", type=_strs, default=common.OPS)
     p.add_argument("--batches", type=_ints, default=common.BATCHES)
     p.add_argument("--classes", type=_ints, default=common.CLASSES)
     p.add_argument("--dtypes", type=_strs, default=common.DTYPES)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     csv_path = args.csv or os.path.join(args.out, "results_gpu.csv")
     if args.dry_run:
         device = "cpu"
-        case_list = common.cases(batches=(1,), classes=(3,), dtypes=("fp32",), N=16, D=16, ops=args.ops)
+        case_list = common.cases(batches=(1,), classes=(3,), dtypes=("fp32",), N=16, D=16, ops=args.ops, loss_side=8)
         providers = [p for p in args.providers if p != "compile"]
     else:
         if not torch.cuda.is_available():

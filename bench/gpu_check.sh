@@ -30,7 +30,7 @@ fi
 PIP_PID=$!
 
 # 1. correctness first: the GPU parity tests at real shapes (bf16 dot paths included)
-step "pytest -m gpu" 80 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST --durations=8 -m gpu tests/test_ops_triton.py -p no:cacheprovider
+step "pytest -m gpu" 80 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST --durations=8 -m gpu tests/test_ops_triton.py tests/test_ops_loss.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 # 1b. the whole model against the official implementation's golden tensors, on the GPU, through the reference, auto
@@ -43,18 +43,21 @@ else
 fi
 
 # 1c. the rest of the Triton test file on the GPU (small odd shapes, opcheck, torch.compile)
-step "pytest not gpu" 40 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST -m "not gpu" tests/test_ops_triton.py -p no:cacheprovider
+step "pytest not gpu" 40 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST -m "not gpu" tests/test_ops_triton.py tests/test_ops_loss.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
-# 2. kernel benchmark at B=8 (the targets): eager official formulation vs Triton, launch and CUDA-graph timings, then
-#    torch.compile of the official formulation (one compile per shape); rows appended as they come
-step "bench eager+triton B=8" 55 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --batches 8 --budget-s 40 --rep-ms 50
-step "bench compile B=8" 80 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers compile --batches 8 --budget-s 60 --rep-ms 50
+# 2. kernel benchmark at B=8 (the targets): eager official formulation vs Triton, launch and CUDA-graph timings, the
+#    loss, then torch.compile of the official head ops (one compile per shape); rows appended as they come
+HEAD_OPS=nga,descriptor,mask_logits
+step "bench eager+triton B=8" 55 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops $HEAD_OPS --providers eager,triton --batches 8 --budget-s 40 --rep-ms 50
+#    the fused loss (eager official element-wise loss vs loss_sums), B=8, 512x512: time and peak memory
+step "bench loss B=8" 35 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops loss --providers eager,triton --batches 8 --budget-s 20 --rep-ms 50
+step "bench compile B=8" 80 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops $HEAD_OPS --providers compile --batches 8 --budget-s 60 --rep-ms 50
 
 # 3. the other batch sizes with what is left of the 6 minutes
 left=$(( 320 - ($(date +%s) - START) ))
 if [ "$left" -gt 20 ]; then
-    step "bench eager+triton B=4,16" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --providers eager,triton --batches 4,16 --budget-s $(( left - 15 )) --rep-ms 50
+    step "bench eager+triton B=4,16" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops $HEAD_OPS --providers eager,triton --batches 4,16 --budget-s $(( left - 15 )) --rep-ms 50
 else
     log "no time left for B=4 and B=16"
 fi

@@ -1,4 +1,5 @@
-"""The official implementation's formulation of the three head ops, as the eager baseline of every benchmark.
+"""The official implementation's formulation of the three head ops and the loss, as the eager baseline of every
+benchmark.
 
 These are written the way the official Cascade-CLIP code computes them (``MODEL_SPEC.md`` sections 3.1-3.3), not the
 way our reference backend does: a Python sum over taps, a materialised ``[T * g, T]`` concatenation through one
@@ -51,3 +52,27 @@ def mask_logits(q: torch.Tensor, k: torch.Tensor, heads: int, normalize: bool = 
         stage = per_head.mean(dim=1)
         total = stage if total is None else total + stage
     return total
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, focal_weight: float = 100.0, dice_weight: float = 1.0):
+    """logits (B, C, H, W), labels (B, H, W) in [0, C) or 255 -> the official focal (x100) + dice loss, a scalar.
+
+    The element-wise formulation of ``SegPlusCriterion.loss_masks`` (MODEL_SPEC.md section 5) over the whole batch:
+    float32 one-hot targets (255 = negative everywhere), sigmoid, BCE with logits, ``(1 - p_t)^2 * alpha_t``, each a
+    (B, C, H, W) tensor. (The official code builds the targets image by image in a Python loop, slower still.)
+    """
+    x = logits.float()
+    ignored = labels == 255
+    target = F.one_hot(labels.masked_fill(ignored, 0), x.shape[1]).permute(0, 3, 1, 2).to(x.dtype)
+    target = target.masked_fill(ignored.unsqueeze(1), 0.0)
+    present = target.flatten(2).amax(dim=2) > 0
+    num_masks = present.sum().to(x.dtype).clamp(min=1.0)
+    prob = x.sigmoid()
+    bce = F.binary_cross_entropy_with_logits(x, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    alpha_t = 0.25 * target + 0.75 * (1 - target)
+    loss_mask = (bce * (1 - p_t) ** 2 * alpha_t).flatten(2).mean(dim=2).sum() / num_masks
+    overlap = (prob * target).flatten(2).sum(dim=2)
+    dice = 1 - (2 * overlap + 1) / (prob.flatten(2).sum(dim=2) + target.flatten(2).sum(dim=2) + 1)
+    loss_dice = (dice * present).sum() / num_masks
+    return focal_weight * loss_mask + dice_weight * loss_dice

@@ -47,14 +47,18 @@ def segmentation_loss(
     dice_weight: float = 1.0,
     ignore_pixels: bool = False,
     backend: Optional[str] = None,
+    validate_labels: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """mask_logits (B, C, H', W') pre-sigmoid, labels (B, H, W) in [0, C) or 255 -> loss dict.
 
     Returns ``loss_mask`` (focal, weighted), ``loss_dice`` (weighted) and their sum ``loss``. ``backend``: the
     :mod:`cascade_clip.ops` backend of the pixel sums (default: the process default, as for the head's ops).
+    ``validate_labels``: check the label values first (a clear error instead of a silently wrong loss); the check
+    waits for the GPU, so a caller whose labels are known to be valid (or a CUDA-graph capture) may turn it off.
     """
     num_classes = mask_logits.shape[1]
-    check_labels(labels, num_classes)
+    if validate_labels:
+        check_labels(labels, num_classes)
     if mask_logits.shape[-2:] != labels.shape[-2:]:
         mask_logits = F.interpolate(mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     # per (image, class): sums over pixels of the focal term, p, p * t and t (one fused pass on the triton backend;
