@@ -277,3 +277,40 @@ def test_drop_path_is_off_by_default_and_works_when_asked():
     model.eval()
     torch.testing.assert_close(model(images, text)["mask_logits"], model(images, text)["mask_logits"])
     assert CascadeCLIP(tiny_config()).backbone.drop_path_rates == [0.0] * 12
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_written_out_attention_block_equals_open_clip_block(autocast):
+    """The backbone's training path runs CLIP's blocks through residual_attention_block: the same outputs and input
+    gradients as open_clip's block (nn.MultiheadAttention), in float32 and under bf16 autocast."""
+    from cascade_clip.backbone import plain_self_attention_block, residual_attention_block
+
+    model = CascadeCLIP(tiny_config()).train()
+    blocks = model.backbone.transformer.resblocks
+    assert all(model.backbone.plain_blocks) and all(plain_self_attention_block(b) for b in blocks)
+    block = blocks[1]
+    x = torch.randn(2, 1 + 4 + 16, block.attn.embed_dim)
+    results = []
+    for fn in (block, lambda t: residual_attention_block(block, t)):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(leaf)
+        y.float().square().sum().backward()
+        results.append((y, leaf.grad))
+    (y_ref, g_ref), (y_new, g_new) = results
+    assert y_new.dtype == y_ref.dtype
+    tol = dict(rtol=1e-2, atol=1e-2) if autocast else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_new, y_ref, **tol)
+    torch.testing.assert_close(g_new, g_ref, **tol)
+
+
+def test_blocks_the_written_out_path_does_not_cover_keep_open_clip():
+    import torch.nn as nn
+
+    from cascade_clip.backbone import plain_self_attention_block
+
+    block = CascadeCLIP(tiny_config()).backbone.transformer.resblocks[0]
+    assert plain_self_attention_block(block)
+    block.attn.dropout = 0.1  # attention dropout: not written out
+    assert not plain_self_attention_block(block)
+    assert not plain_self_attention_block(nn.Linear(4, 4))
