@@ -183,17 +183,30 @@ def test_loss_sums_parity_training_shapes(classes, dtype):
     _check_parity(*_inputs(2, classes, 512, 512, dtype), ignore_pixels=False)
 
 
-@gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_loss_compiles_without_graph_breaks():
-    logits, labels = _inputs(2, 15, 64, 64, torch.bfloat16)
-    x = logits.clone().requires_grad_()
+    """segmentation_loss (without the label check, which reads a value back) under torch.compile(fullgraph=True):
+    dynamo sees the loss_sums custom op, and the loss and the logit gradient equal eager."""
+    torch._dynamo.reset()
+    ops.available_backends()
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    logits, labels = _inputs(2, 5, 12, 11, dtype)
+    seen_ops = set()
+
+    def recording_backend(gm, example_inputs):
+        seen_ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
 
     def loss_fn(x, labels):
-        return segmentation_loss(x, labels, backend="triton")["loss"]
+        return segmentation_loss(x, labels, backend="triton", validate_labels=False)["loss"]
 
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    compiled(x, labels).backward()
+    x = logits.clone().requires_grad_()
+    loss_c = torch.compile(loss_fn, fullgraph=True, backend=recording_backend)(x, labels)
+    assert "cascade_clip_triton.loss_sums.default" in seen_ops, sorted(seen_ops)
+    loss_c.backward()
     y = logits.clone().requires_grad_()
-    loss_fn(y, labels).backward()
-    _assert_close("dlogits", x.grad, y.grad, GRAD_TOLERANCES[torch.bfloat16])
+    loss_e = loss_fn(y, labels)
+    loss_e.backward()
+    _assert_close("loss", loss_c, loss_e, SUMS_TOLERANCE)
+    _assert_close("dlogits", x.grad, y.grad, GRAD_TOLERANCES[dtype])
