@@ -1,8 +1,9 @@
 """Backend registry of :mod:`cascade_clip.ops`.
 
 A backend is a named set of functions ``(nga, descriptor, mask_logits, loss_sums)`` with the signatures of
-:mod:`cascade_clip.ops.reference` (``loss_sums`` defaults to the reference one). Backends other than ``"reference"`` are loaded lazily by a loader function, so a
-missing Triton or a C++ extension built for another torch only removes that backend; it never breaks the import.
+:mod:`cascade_clip.ops.reference` (``loss_sums`` defaults to the reference one). Backends other than ``"reference"``
+are loaded lazily by a loader function, so a missing Triton or a C++ extension built for another torch only removes
+that backend; it never breaks the import.
 
 The process default is ``"auto"`` unless ``CASCADE_CLIP_BACKEND`` names another backend; :func:`set_backend` changes
 it. ``"auto"`` picks, per call, the fastest backend available for the device of the inputs: ``"triton"`` for CUDA
