@@ -141,12 +141,14 @@ class CascadeCLIP(nn.Module):
         )
 
     @torch.no_grad()
-    def segment(self, images: torch.Tensor, text: torch.Tensor, seen: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def segment(self, images: torch.Tensor, text: torch.Tensor, seen: Optional[Sequence[int]] = None,
+                window_batch: int = 4) -> torch.Tensor:
         """Calibrated per-class scores (B, C, H, W) by sliding-window inference, for images of any size.
 
         ``seen``: indices of text rows to calibrate (minus ``cfg.seen_calibration`` on their sigmoid scores). None
         means the config's seen classes when ``text`` holds exactly the config's classes, and no calibration
-        otherwise. The argmax over C is the label map.
+        otherwise. The argmax over C is the label map. ``window_batch``: windows run through the model together
+        (the same scores; fewer, larger forward calls).
         """
         self._check_images(images)
         self._check_text(text)
@@ -164,6 +166,7 @@ class CascadeCLIP(nn.Module):
             patch=self.patch_size,
             seen=seen,
             calibration=self.cfg.seen_calibration,
+            window_batch=window_batch,
         )
 
     # ------------------------------------------------------------------ official checkpoints

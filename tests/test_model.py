@@ -253,6 +253,19 @@ def test_segment_averages_calibrated_window_scores():
     torch.testing.assert_close(calibrated[:, 1], plain[:, 1] - 0.1)
 
 
+def test_segment_window_batches_give_the_same_scores():
+    """Windows run one by one (as officially), in groups, or all at once: the same scores, images of a batch kept
+    apart (2 images x 6 windows)."""
+    model = CascadeCLIP(tiny_config(crop_size=64, stride=48)).eval()
+    images, text = torch.randn(2, 3, 80, 112), random_text(20)
+    one_by_one = model.segment(images, text, window_batch=1)
+    for window_batch in (4, 6, 100):
+        torch.testing.assert_close(model.segment(images, text, window_batch=window_batch), one_by_one)
+    torch.testing.assert_close(model.segment(images[1:], text, window_batch=4), one_by_one[1:])
+    with pytest.raises(ValueError, match="window_batch must be >= 1, got 0"):
+        model.segment(images, text, window_batch=0)
+
+
 def test_segment_handles_sizes_off_the_patch_grid():
     model = CascadeCLIP(tiny_config(crop_size=64, stride=48)).eval()
     scores = model.segment(torch.randn(2, 3, 37, 50), random_text(3))
