@@ -52,6 +52,19 @@ def _log1p_exp_neg_abs(x):
 
 
 @triton.jit
+def _pixel_block(labels_row_ptr, pid, HW, IGNORE_PIXELS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pixel block ``pid`` of one image: offsets, in-image mask, labels (int32; 255 past the end, a target of no
+    class) and the mask of pixels that count in the sums (all in the image, or the non-255 ones)."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_image = offs < HW
+    labels = tl.load(labels_row_ptr + offs, mask=in_image, other=IGNORE_INDEX).to(tl.int32)
+    counted = in_image
+    if IGNORE_PIXELS:
+        counted = counted & (labels != IGNORE_INDEX)
+    return offs, in_image, labels, counted
+
+
+@triton.jit
 def _loss_sums_fwd_kernel(
     logits_ptr,  # (B, C, HW), contiguous per channel
     labels_ptr,  # (B, HW) any integer dtype
@@ -66,12 +79,7 @@ def _loss_sums_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_image = offs < HW
-    labels = tl.load(labels_ptr + b * stride_yb + offs, mask=in_image, other=IGNORE_INDEX).to(tl.int32)
-    counted = in_image
-    if IGNORE_PIXELS:
-        counted = counted & (labels != IGNORE_INDEX)
+    offs, in_image, labels, counted = _pixel_block(labels_ptr + b * stride_yb, pid, HW, IGNORE_PIXELS, BLOCK)
     x_base = logits_ptr + b * stride_xb
     part_base = part_ptr + b * C * 4 * P + pid
     for c32 in range(C):
@@ -108,12 +116,7 @@ def _loss_sums_bwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_image = offs < HW
-    labels = tl.load(labels_ptr + b * stride_yb + offs, mask=in_image, other=IGNORE_INDEX).to(tl.int32)
-    counted = in_image
-    if IGNORE_PIXELS:
-        counted = counted & (labels != IGNORE_INDEX)
+    offs, in_image, labels, counted = _pixel_block(labels_ptr + b * stride_yb, pid, HW, IGNORE_PIXELS, BLOCK)
     x_base = logits_ptr + b * stride_xb
     dx_base = dx_ptr + b * C * HW
     for c32 in range(C):
