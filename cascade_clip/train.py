@@ -103,9 +103,15 @@ class Logger:
             )
 
     def record_eval(self, values: Dict[str, Any]) -> None:
-        if self.enabled:
-            self.jsonl.write(json.dumps(values) + "\n")
-            self.jsonl.flush()
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(values) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:  # the summary metrics (mIoU, mIoU_seen, ...; undefined ones are None and skipped)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "iter" and math.isfinite(value):
+                    self.tb.add_scalar(f"eval/{key}", value, values["iter"])
+            self.tb.flush()
 
     def step(self) -> None:
         if self.bar is not None:

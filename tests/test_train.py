@@ -206,3 +206,52 @@ def test_compile_mode_is_validated(data_root, tmp_path):
     overrides = tiny_overrides(data_root, str(tmp_path / "bad"), iters=1) + ["train.compile=max-speed"]
     with pytest.raises(ValueError, match="train.compile must be one of none, default, reduce-overhead"):
         train.main(["--config", "voc", *sum((["--set", o] for o in overrides), [])])
+
+
+class _RecordingWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is not a dependency)."""
+
+    instances = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _RecordingWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, float(value), int(step)))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_training_and_evaluation_scalars(data_root, tmp_path, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_RecordingWriter))
+    _RecordingWriter.instances.clear()
+    work = str(tmp_path / "run")
+    overrides = tiny_overrides(data_root, work, iters=2) + ["train.tensorboard=true", "train.eval_at_end=true"]
+    train.main(["--config", "voc", *sum((["--set", o] for o in overrides), [])])
+    (writer,) = _RecordingWriter.instances
+    assert writer.log_dir == os.path.join(work, "tb") and writer.closed
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("eval/mIoU", 2), ("eval/aAcc", 2)} <= tags
+    assert all(np.isfinite(value) for _, value, _ in writer.scalars)
+
+
+def test_tensorboard_event_files(data_root, tmp_path):
+    """With the real tensorboard package (optional; skipped where it is not installed): the scalars are on disk."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = str(tmp_path / "run")
+    overrides = tiny_overrides(data_root, work, iters=2) + ["train.tensorboard=true", "train.eval_at_end=true"]
+    train.main(["--config", "voc", *sum((["--set", o] for o in overrides), [])])
+    events = EventAccumulator(os.path.join(work, "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "train/loss" in scalars and "eval/mIoU" in scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
