@@ -89,7 +89,7 @@ class Logger:
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)) and key != "iter":
+                if isinstance(value, (int, float)) and key not in ("iter", "iters"):
                     self.tb.add_scalar(f"train/{key}", value, values["iter"])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{values['img_s']:.1f}")

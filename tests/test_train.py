@@ -240,6 +240,7 @@ def test_tensorboard_gets_training_and_evaluation_scalars(data_root, tmp_path, m
     tags = {(tag, step) for tag, _, step in writer.scalars}
     assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("eval/mIoU", 2), ("eval/aAcc", 2)} <= tags
     assert all(np.isfinite(value) for _, value, _ in writer.scalars)
+    assert not any(tag in ("train/iter", "train/iters", "eval/iter") for tag, _ in tags)  # steps, not scalars
 
 
 def test_tensorboard_event_files(data_root, tmp_path):
