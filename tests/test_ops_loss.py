@@ -76,8 +76,8 @@ def _check_parity(logits, labels, ignore_pixels, grad="random"):
     _assert_close("dlogits", tri_x.grad, ref_x.grad, GRAD_TOLERANCES[logits.dtype])
 
 
-# (B, C, H, W): odd and prime sizes, one class, one pixel, a block boundary (1024 pixels) crossed
-SHAPES = [(2, 5, 7, 9), (1, 1, 1, 1), (3, 4, 37, 29), (1, 3, 32, 33)]
+# (B, C, H, W): odd and prime sizes, one class, one pixel, a block boundary (2048 pixels) crossed
+SHAPES = [(2, 5, 7, 9), (1, 1, 1, 1), (3, 4, 37, 29), (1, 3, 45, 47)]
 
 
 @pytest.mark.parametrize("ignore_pixels", [False, True])
