@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture for --training-free")
     group.add_argument("--temperature", type=float, help="training-free: cosine / T (default CLIP's 1/logit_scale)")
     group.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    group.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                       help="autocast dtype of the model (fp32 = official; bf16/fp16 are faster on a GPU)")
     group.add_argument("--backend", help="ops backend: reference, triton, cpp (default: automatic)")
 
     output = parser.add_argument_group("output")
@@ -120,6 +122,7 @@ def build_segmenter(args: argparse.Namespace):
             args.clip_weights, classes, clip_model=args.clip_model, text_embeddings=args.text_embeddings,
             templates=args.templates or "multi", temperature=args.temperature, short_side=args.short_side,
             crop_size=args.crop_size or 512, stride=args.stride or 426, device=args.device, cache_dir=cache_dir,
+            precision=args.precision,
         )
     overrides = dict(args.overrides)
     if args.crop_size:
@@ -130,7 +133,7 @@ def build_segmenter(args: argparse.Namespace):
     return Segmenter.from_checkpoint(
         args.checkpoint, classes, text_embeddings=args.text_embeddings, clip_weights=args.clip_weights,
         templates=args.templates, seen=seen, calibration=not args.no_calibration, short_side=args.short_side,
-        device=args.device, cache_dir=cache_dir, **overrides,
+        device=args.device, cache_dir=cache_dir, precision=args.precision, **overrides,
     )
 
 

@@ -130,11 +130,17 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# ``precision`` -> autocast dtype of the model's forward (None: fp32, the official inference)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Segmenter:
     """Segments images into ``class_names`` with a per-window score function (see the module docstring).
 
     Build it with :meth:`from_checkpoint` or :meth:`training_free`; the constructor takes the parts directly:
     ``score_fn`` maps normalised images (1, 3, h, w) on ``device`` to scores (1, C, h, w) whose argmax is the label.
+    ``precision``: ``"fp32"`` (official), or ``"bf16"``/``"fp16"`` to run ``score_fn`` under ``torch.autocast`` (faster
+    on a GPU; scores then differ from fp32 by the low precision's rounding).
     """
 
     def __init__(
@@ -147,8 +153,12 @@ class Segmenter:
         seen: Sequence[int] = (),
         preset: Optional[str] = None,
         description: str = "",
+        precision: str = "fp32",
     ):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
         self.score_fn = score_fn
+        self.precision = precision
         self.class_names = tuple(class_names)
         self.device = torch.device(device)
         self.short_side = short_side or None
@@ -171,6 +181,7 @@ class Segmenter:
         short_side: Optional[int] = OFFICIAL_TEST_SHORT_SIDE,
         device: Union[None, str, torch.device] = None,
         cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
+        precision: str = "fp32",
         config=None,
         **overrides,
     ) -> "Segmenter":
@@ -182,7 +193,8 @@ class Segmenter:
         the checkpoint's dataset). ``seen``: class names to calibrate; None = those of the list the checkpoint was
         trained on, or none when ``classes`` is another dataset's preset (cross-dataset, as officially);
         ``calibration=False``: none.
-        ``config``/``overrides``: as :func:`cascade_clip.checkpoint.load_model` (e.g. ``crop_size``).
+        ``config``/``overrides``: as :func:`cascade_clip.checkpoint.load_model` (e.g. ``crop_size``). ``precision``: see
+        the class (``"fp32"``, the official, by default).
         """
         from .checkpoint import load_model
         from .text_weights import embeddings_for, embeddings_from_file, pick_text_weights
@@ -232,7 +244,7 @@ class Segmenter:
         description = (f"Cascade-CLIP {cfg.clip_model} from {path} ({cfg.dataset} preset), "
                        f"calibrated (-{cfg.seen_calibration}) seen classes: {seen_text}")
         segmenter = cls(score_fn=score_fn, class_names=class_list.names, device=device, short_side=short_side,
-                        seen=seen_idx, preset=class_list.preset, description=description)
+                        seen=seen_idx, preset=class_list.preset, description=description, precision=precision)
         segmenter.model, segmenter.text = model, text
         return segmenter
 
@@ -251,6 +263,7 @@ class Segmenter:
         stride: int = 426,
         device: Union[None, str, torch.device] = None,
         cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
+        precision: str = "fp32",
     ) -> "Segmenter":
         """Dense CLIP (MaskCLIP recipe, :mod:`cascade_clip.training_free`) with ``clip_weights`` (tag or file).
 
@@ -278,7 +291,7 @@ class Segmenter:
         description = (f"training-free dense CLIP {clip_model} ({clip_weights}), temperature {dense.temperature:.4g}, "
                        f"crop {crop_size} stride {stride}")
         segmenter = cls(score_fn=score_fn, class_names=class_list.names, device=device, short_side=short_side,
-                        preset=class_list.preset, description=description)
+                        preset=class_list.preset, description=description, precision=precision)
         segmenter.model, segmenter.text = dense, text
         return segmenter
 
@@ -298,7 +311,9 @@ class Segmenter:
             images = eval_resize(pixels, self.short_side)
         else:
             images = normalize_rgb(rgb).unsqueeze(0).to(self.device)
-        scores = self.score_fn(images)
+        dtype = AUTOCAST_DTYPES[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            scores = self.score_fn(images).float()
         if return_scores:
             full = scores_at_original_size(scores, size)[0]
             return Segmentation(full.argmax(dim=0).cpu(), full.cpu(), self.class_names)

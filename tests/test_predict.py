@@ -88,6 +88,13 @@ def test_original_scale_with_several_windows(setup, tmp_path):
     check_outputs(out, ["large", "wide"], 4)
 
 
+def test_bf16_precision(setup, tmp_path, capsys):
+    _, _, _, images = setup
+    out = tmp_path / "out"
+    run_predict(setup, str(images / "rgb.png"), "--out", str(out), "--precision", "bf16")
+    check_outputs(out, ["rgb"], 4)
+
+
 def test_unreadable_files_are_reported_and_skipped(setup, tmp_path, capsys):
     _, _, _, images = setup
     folder = tmp_path / "mixed"

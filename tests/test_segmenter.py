@@ -108,3 +108,31 @@ def test_official_test_size(size, expected):
     from cascade_clip.inference import official_test_size
 
     assert official_test_size(*size, 512) == expected
+
+
+def test_precision_runs_the_model_under_autocast():
+    seen = []
+
+    def score_fn(images):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.zeros(1, 2, *images.shape[-2:], dtype=torch.bfloat16)
+
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    result = Segmenter(score_fn=score_fn, class_names=["a", "b"], short_side=None)(rgb)
+    assert seen[-1][0] is False and result.scores.dtype == torch.float32  # fp32: the official inference
+    Segmenter(score_fn=score_fn, class_names=["a", "b"], short_side=None, precision="bf16")(rgb)
+    assert seen[-1] == (True, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        Segmenter(score_fn=score_fn, class_names=["a", "b"], precision="fp8")
+
+
+def test_bf16_scores_stay_close_to_fp32(segmenter):
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    fp32 = segmenter(rgb).scores
+    segmenter.precision = "bf16"
+    try:
+        bf16 = segmenter(rgb).scores
+    finally:
+        segmenter.precision = "fp32"
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it really ran in bf16
+    torch.testing.assert_close(bf16, fp32, atol=3e-2, rtol=0)  # probabilities, bf16 rounding of the activations
