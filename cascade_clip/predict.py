@@ -189,7 +189,7 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
     for index, path in enumerate(progress):
         stem = stems[index]
         try:
-            rgb = read_rgb(path)
+            rgb = read_rgb(path, upright=True)  # as image viewers show it; the outputs then match that view
             result = segmenter.segment_rgb(rgb, return_scores=False)
         except (ValueError, RuntimeError, OSError) as exc:  # one bad file must not stop the batch
             message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"

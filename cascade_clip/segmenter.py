@@ -54,12 +54,13 @@ class Segmentation:
 def as_rgb_uint8(image: ImageLike) -> np.ndarray:
     """Any supported image -> (H, W, 3) uint8 RGB.
 
-    Paths are read from disk; PIL images in any mode are converted; numpy arrays are (H, W) or (H, W, 1|3|4);
+    Paths are read from disk, turned upright by their EXIF orientation; PIL images in any mode are converted (as they
+    are); numpy arrays are (H, W) or (H, W, 1|3|4);
     tensors are (3|1|4, H, W) or (1, C, H, W) (the torchvision layout). Integer values are 0..255, float values
     0..1 (torchvision's convention). Alpha is dropped, grayscale repeated.
     """
     if isinstance(image, (str, os.PathLike)):
-        return read_rgb(os.fspath(image))
+        return read_rgb(os.fspath(image), upright=True)
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(image, torch.Tensor):

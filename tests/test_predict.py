@@ -208,3 +208,23 @@ def test_palettes_and_wide_class_lists():
     assert len(set(generated_palette(60))) == 60
     wide = label_image(np.full((3, 4), 300), generated_palette(400))  # > 256 classes: 16-bit indices
     assert np.asarray(wide).max() == 300
+
+
+def test_exif_rotated_photo_is_segmented_upright(setup, tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6: rotate 90 degrees clockwise to display) is segmented as it is
+    displayed: the label PNG and the overlay have the upright size. Dataset reading keeps the stored pixels."""
+    from cascade_clip.image_io import read_rgb
+
+    stored = np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)  # stored 70 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(photo, exif=exif)
+    assert read_rgb(str(photo)).shape == (40, 70, 3)
+    upright = read_rgb(str(photo), upright=True)
+    assert upright.shape == (70, 40, 3)
+    decoded = read_rgb(str(photo))
+    np.testing.assert_array_equal(upright, np.rot90(decoded, k=-1))  # clockwise quarter turn of the stored pixels
+    out = tmp_path / "out"
+    run_predict(setup, str(photo), "--out", str(out))
+    assert Image.open(out / "photo.png").size == (40, 70)  # (width, height) as displayed
