@@ -6,6 +6,7 @@
     cascade-clip bench train --out FILE.csv     # bench/train_speed.py: whole-model training steps per backend
     cascade-clip bench pipeline --out DIR       # bench/pipeline_run.py: the VOC preset end to end
     cascade-clip bench host                     # bench/host_overhead.py: host time of the Triton call path
+    cascade-clip bench steps                    # bench/step_ops.py: ATen calls per training step (host work)
 
 The scripts are not part of the installed package (they write results next to the code and need the repository), so
 this works from an editable install of a clone (``make install``); the arguments after the benchmark's name go to the
@@ -25,6 +26,7 @@ SCRIPTS = {
     "train": "train_speed.py",
     "pipeline": "pipeline_run.py",
     "host": "host_overhead.py",
+    "steps": "step_ops.py",
 }
 
 

@@ -41,6 +41,21 @@ def test_pipeline_run_smoke(tmp_path):
     assert (out / "cascade-tiny-openai-format.pt").exists() and (out / "train" / "latest.pt").exists()
 
 
+def test_step_ops_counts_fewer_calls_with_the_written_out_blocks(capsys):
+    """bench/step_ops.py on the tiny CLIP: the training path's written-out blocks dispatch fewer ATen calls than
+    nn.MultiheadAttention's path, forward and backward, the optimizer the same."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import step_ops
+    finally:
+        sys.path.pop(0)
+    counts = step_ops.main(["--clip-model", "cascade-tiny"])
+    mha, written = counts["mha"], counts["written-out"]
+    assert written["forward+loss"] < mha["forward+loss"] and written["backward"] < mha["backward"]
+    assert written["optimizer"] == mha["optimizer"]
+    assert "| written-out |" in capsys.readouterr().out
+
+
 def test_results_csv_append_and_refusal(tmp_path, monkeypatch):
     """bench/results_io.py: rows are appended under one header; a file with other columns is refused untouched; the
     commit comes from CASCADE_CLIP_COMMIT when set (a device copy's .git may be stale)."""

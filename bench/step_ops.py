@@ -1,0 +1,93 @@
+"""ATen calls per training step: the host work of an eager step, counted (not timed) on the CPU.
+
+    python bench/step_ops.py                      # ViT-B/16 VOC model, bf16 autocast, reference ops
+    python bench/step_ops.py --backend cpp --precision fp32
+
+An eager bf16 training step on a GPU is host-bound (bench/RESULTS.md): its time follows the number of operators
+dispatched, each a few microseconds of Python and dispatcher work plus a kernel launch. This counts them with a
+``TorchDispatchMode`` over one step (forward + official loss, backward, AdamW), split into phases, for the backbone's
+two block paths side by side: open_clip's blocks through ``nn.MultiheadAttention`` ("mha") and the written-out
+attention the backbone uses in training ("written-out"). The count does not depend on the image size (64 px here).
+Counts on the CPU differ from a CUDA step in places (CPU AdamW is not foreach; CPU dropout is several ops), which the
+printed phases make visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cascade_clip import CascadeCLIP, ModelConfig, ops
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every ATen call dispatched inside the mode, by operator name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def count_step(model, optimizer, images, text, labels, precision: str) -> dict:
+    """ATen calls of one training step by phase: forward + loss, backward, optimizer."""
+    phases = {name: CountOps() for name in ("forward+loss", "backward", "optimizer")}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with phases["forward+loss"]:
+            loss = model.loss(model(images, text), labels)["loss"]
+    with phases["backward"]:
+        loss.backward()
+    with phases["optimizer"]:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {name: mode.total for name, mode in phases.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="reference", help="ops backend (reference, cpp, triton)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture (cascade-tiny for a smoke run)")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("voc", img_size=64, clip_model=args.clip_model)
+    model = CascadeCLIP(cfg).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
+    images = torch.randn(args.batch, 3, 64, 64)
+    text = F.normalize(torch.randn(len(cfg.seen), model.embed_dim), dim=-1)
+    labels = torch.randint(0, len(cfg.seen), (args.batch, 64, 64))
+    ops.set_backend(args.backend)
+
+    written_out = list(model.backbone.plain_blocks)
+    print(f"# {cfg.clip_model}, {args.precision}, backend {args.backend}, B={args.batch}; ATen calls per training step")
+    print("| block path | forward+loss | backward | forward+backward | optimizer (CPU AdamW) |")
+    print("|---|---:|---:|---:|---:|")
+    results = {}
+    for name, plain in (("mha", [False] * len(written_out)), ("written-out", written_out)):
+        model.backbone.plain_blocks = plain
+        count_step(model, optimizer, images, text, labels, args.precision)  # warm-up: optimizer state, caches
+        counts = count_step(model, optimizer, images, text, labels, args.precision)
+        both = counts["forward+loss"] + counts["backward"]
+        results[name] = counts
+        print(f"| {name} | {counts['forward+loss']} | {counts['backward']} | {both} | {counts['optimizer']} |")
+    model.backbone.plain_blocks = written_out
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
