@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                   f"train.kernels={args.kernels}", f"train.compile={args.compile}", *args.overrides]
     cfg = resolve("voc", overrides)
 
-    from cascade_clip.train import autocast_dtype, run
+    from cascade_clip.train import run
+    from cascade_clip.train_config import autocast_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture for --training-free")
     group.add_argument("--temperature", type=float, help="training-free: cosine / T (default CLIP's 1/logit_scale)")
     group.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    group.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    group.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),  # train_config.AUTOCAST_DTYPES
                        help="autocast dtype of the model (fp32 = official; bf16/fp16 are faster on a GPU)")
     group.add_argument("--backend", help="ops backend: reference, triton, cpp (default: automatic)")
 

@@ -24,6 +24,7 @@ from .class_list import ClassList, official_templates, parse_classes
 from .image_io import normalize_rgb, read_rgb
 from .inference import scores_at_original_size
 from .text import DEFAULT_CACHE_DIR
+from .train_config import AUTOCAST_DTYPES
 from .transforms import eval_resize
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -129,10 +130,6 @@ def _seen_indices(names: Sequence[str], trained_names: Sequence[str], trained_se
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ``precision`` -> autocast dtype of the model's forward (None: fp32, the official inference)
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Segmenter:

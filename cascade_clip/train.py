@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import distributed
-from .train_config import PRESETS, Config, resolve, torch_compile_mode
+from .train_config import PRESETS, Config, autocast_dtype, resolve, torch_compile_mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,13 +124,6 @@ class Logger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16/fp16 autocast on GPU; fp32 on CPU (CPU autocast is slow and not what the recipe measures)."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def load_weights(model, path: str) -> str:

@@ -18,8 +18,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from .catalog import DATASET_NAMES, dataset_info
 from .config import ModelConfig
+
+# Precision names of train, eval and predict -> the torch.autocast dtype (None: no autocast, float32).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16/fp16 autocast on GPU; fp32 on CPU (CPU autocast is slow and not what the recipe measures)."""
+    return AUTOCAST_DTYPES[precision] if device.type == "cuda" else None
 
 
 @dataclass
@@ -259,11 +269,11 @@ def validate(cfg: Config) -> None:
     t, o = cfg.train, cfg.optim
     if t.iters <= 0 or t.batch_size <= 0 or t.grad_accum <= 0 or t.checkpoint_interval <= 0:
         raise ValueError("train.iters, train.batch_size, train.grad_accum and train.checkpoint_interval must be > 0")
-    if t.precision not in ("bf16", "fp16", "fp32"):
+    if t.precision not in AUTOCAST_DTYPES:
         raise ValueError(f"train.precision must be bf16, fp16 or fp32, got {t.precision!r}")
     if t.kernels not in ("auto", "triton", "cpp", "reference"):
         raise ValueError(f"train.kernels must be auto, triton, cpp or reference, got {t.kernels!r}")
-    if cfg.eval.precision not in ("bf16", "fp16", "fp32"):
+    if cfg.eval.precision not in AUTOCAST_DTYPES:
         raise ValueError(f"eval.precision must be bf16, fp16 or fp32, got {cfg.eval.precision!r}")
     if t.compile not in COMPILE_MODES:
         raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
