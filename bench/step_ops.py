@@ -5,9 +5,11 @@
 
 An eager bf16 training step on a GPU is host-bound (bench/RESULTS.md): its time follows the number of operators
 dispatched, each a few microseconds of Python and dispatcher work plus a kernel launch. This counts them with a
-``TorchDispatchMode`` over one step (forward + official loss, backward, AdamW), split into phases, for the backbone's
-two block paths side by side: open_clip's blocks through ``nn.MultiheadAttention`` ("mha") and the written-out
-attention the backbone uses in training ("written-out"). The count does not depend on the image size (64 px here).
+``TorchDispatchMode`` over one step (forward + official loss, backward, AdamW), split into phases, for three versions
+of the model side by side: the backbone's blocks through open_clip's ``nn.MultiheadAttention`` ("mha") or with the
+attention written out as the backbone runs them in training ("written-out"), and the head's three decoders called one
+per stage ("per stage") or batched over stages as the head runs them (``decoder.run_stages``, "batched"). The count
+does not depend on the image size (64 px here).
 Counts on the CPU differ from a CUDA step in places (CPU AdamW is not foreach; CPU dropout is several ops), which the
 printed phases make visible.
 """
@@ -22,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cascade_clip.head
 from cascade_clip import CascadeCLIP, ModelConfig, ops
+from cascade_clip.decoder import run_stages
 
 
 class CountOps(TorchDispatchMode):
@@ -39,6 +43,12 @@ class CountOps(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def decoders_per_stage(decoders, queries, memories):
+    """The head's decoders called one per stage (the official structure; what run_stages batches)."""
+    pairs = [decoder(queries[s], memories[s]) for s, decoder in enumerate(decoders)]
+    return torch.stack([q for q, _ in pairs]), torch.stack([k for _, k in pairs])
 
 
 def count_step(model, optimizer, images, text, labels, precision: str) -> dict:
@@ -73,18 +83,28 @@ def main(argv=None) -> dict:
     ops.set_backend(args.backend)
 
     written_out = list(model.backbone.plain_blocks)
+    versions = (
+        ("mha", "per stage", [False] * len(written_out), decoders_per_stage),
+        ("written-out", "per stage", written_out, decoders_per_stage),
+        ("written-out", "batched", written_out, run_stages),
+    )
     print(f"# {cfg.clip_model}, {args.precision}, backend {args.backend}, B={args.batch}; ATen calls per training step")
-    print("| block path | forward+loss | backward | forward+backward | optimizer (CPU AdamW) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| block path | decoders | forward+loss | backward | forward+backward | optimizer (CPU AdamW) |")
+    print("|---|---|---:|---:|---:|---:|")
     results = {}
-    for name, plain in (("mha", [False] * len(written_out)), ("written-out", written_out)):
-        model.backbone.plain_blocks = plain
-        count_step(model, optimizer, images, text, labels, args.precision)  # warm-up: optimizer state, caches
-        counts = count_step(model, optimizer, images, text, labels, args.precision)
-        both = counts["forward+loss"] + counts["backward"]
-        results[name] = counts
-        print(f"| {name} | {counts['forward+loss']} | {counts['backward']} | {both} | {counts['optimizer']} |")
-    model.backbone.plain_blocks = written_out
+    try:
+        for blocks, decoders, plain, run_decoders in versions:
+            model.backbone.plain_blocks = plain
+            cascade_clip.head.run_stages = run_decoders
+            count_step(model, optimizer, images, text, labels, args.precision)  # warm-up: optimizer state, caches
+            counts = count_step(model, optimizer, images, text, labels, args.precision)
+            both = counts["forward+loss"] + counts["backward"]
+            results[(blocks, decoders)] = counts
+            print(f"| {blocks} | {decoders} | {counts['forward+loss']} | {counts['backward']} | {both} "
+                  f"| {counts['optimizer']} |")
+    finally:
+        model.backbone.plain_blocks = written_out
+        cascade_clip.head.run_stages = run_stages
     return results
 
 

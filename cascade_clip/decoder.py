@@ -9,12 +9,15 @@ Attention runs through ``F.scaled_dot_product_attention`` (flash/cuDNN/memory-ef
 materialising the per-head logits. Only the last layer's head-averaged pre-softmax logits are used by the model, and
 they equal one scaled ``q k^T`` product (``ops.mask_logits``), so the last layer's value path, ``proj``, ``norm2``, FFN
 and ``norm3`` are skipped in the forward pass; their parameters are kept (frozen) so checkpoints round-trip.
+
+The head runs its three decoders through :func:`run_stages`: the same math as calling each decoder on its stage, with
+every operation issued once for all stages (each layer's per-stage weights stacked into batched products).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -109,3 +112,78 @@ class CascadeDecoder(nn.Module):
             queries = layer(queries, memory)
         return self.layers[-1].query_key(queries, memory)
 
+
+
+# --------------------------------------------------------------------------- all stages at once
+# An eager bf16 training step on a GPU is host-bound (bench/RESULTS.md): its time follows the number of operators
+# dispatched. Calling the three decoders one after the other issues every operator three times; stacking each
+# layer's per-stage weights issues it once on (S, ...) tensors. The modules, parameters and checkpoint keys stay per
+# stage (the official layout); only the forward pass is batched.
+
+
+def _stacked(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
+    return torch.stack([getattr(module, name) for module in modules])
+
+
+def _linear(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """(S, M, in) -> (S, M, out): stage s through ``linears[s]``."""
+    weight, bias = _stacked(linears, "weight"), _stacked(linears, "bias")
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+def _layer_norm(x: torch.Tensor, norms: Sequence[nn.LayerNorm]) -> torch.Tensor:
+    """(S, M, d) -> (S, M, d): stage s normalised with ``norms[s]``'s affine parameters."""
+    weight, bias = _stacked(norms, "weight").unsqueeze(1), _stacked(norms, "bias").unsqueeze(1)
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=norms[0].eps), weight)
+
+
+def _attention(attns: Sequence[CrossAttention], x: torch.Tensor, memory: torch.Tensor, batch: int,
+               training: bool) -> torch.Tensor:
+    """Queries x (S, B*C, d) attend to memory (S, B*N, d), stage by stage -> (S, B*C, d)."""
+    first = attns[0]
+    stages, rows, dim = x.shape
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (S, B*L, d) -> (S*B, heads, L, head_dim)
+        return t.view(stages * batch, -1, first.heads, first.head_dim).transpose(1, 2)
+
+    q = heads(_linear(x, [a.q for a in attns]))
+    k = heads(_linear(memory, [a.k for a in attns]))
+    v = heads(_linear(memory, [a.v for a in attns]))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=first.attn_dropout if training else 0.0)
+    return _linear(out.transpose(1, 2).reshape(stages, rows, dim), [a.proj for a in attns])
+
+
+def _layer(layers: Sequence[DecoderLayer], x: torch.Tensor, memory: torch.Tensor, batch: int,
+           training: bool) -> torch.Tensor:
+    """:meth:`DecoderLayer.forward` of every stage at once."""
+    first = layers[0]
+    attended = _attention([layer.multihead_attn for layer in layers], x, memory, batch, training)
+    x = _layer_norm(x + F.dropout(attended, first.dropout2.p, training), [layer.norm2 for layer in layers])
+    hidden = F.dropout(F.relu(_linear(x, [layer.linear1 for layer in layers])), first.dropout.p, training)
+    ffn = _linear(hidden, [layer.linear2 for layer in layers])
+    return _layer_norm(x + F.dropout(ffn, first.dropout3.p, training), [layer.norm3 for layer in layers])
+
+
+def run_stages(decoders: Sequence[CascadeDecoder], queries: torch.Tensor,
+               memories: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``decoders[s](queries[s], memories[s])`` for every stage s, batched over stages.
+
+    queries (S, B, C, d), memories (S, B, N, d) -> (q (S, B, C, d), k (S, B, N, d)) of each decoder's last layer.
+    The decoders must share their structure (layer count, heads, dropout), as the head builds them.
+    """
+    if queries.dim() != 4 or memories.dim() != 4 or queries.shape[:2] != memories.shape[:2] \
+            or queries.shape[0] != len(decoders):
+        raise ValueError(
+            f"expected queries (S, B, C, d) and memories (S, B, N, d) for S={len(decoders)} decoders, got "
+            f"{tuple(queries.shape)} and {tuple(memories.shape)}"
+        )
+    stages, batch, classes, dim = queries.shape
+    pixels = memories.shape[2]
+    x, memory = queries.reshape(stages, batch * classes, dim), memories.reshape(stages, batch * pixels, dim)
+    training = decoders[0].training
+    for depth in range(len(decoders[0].layers) - 1):
+        x = _layer([decoder.layers[depth] for decoder in decoders], x, memory, batch, training)
+    last = [decoder.layers[-1].multihead_attn for decoder in decoders]
+    q = _linear(x, [a.q for a in last]).view(stages, batch, classes, dim)
+    k = _linear(memory, [a.k for a in last]).view(stages, batch, pixels, dim)
+    return q, k

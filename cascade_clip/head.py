@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import ops
 from .backbone import BackboneOutput
-from .decoder import CascadeDecoder
+from .decoder import CascadeDecoder, run_stages
 
 
 def gaussian_weights(count: int, sigma: float) -> torch.Tensor:
@@ -64,23 +64,22 @@ class CascadeHead(nn.Module):
         stacked = taps.view(2, self.taps_per_stage, *taps.shape[1:])
         nga_weights = torch.stack([self.weights_s1, self.weights_s2])
         fused = ops.nga(stacked, nga_weights)  # (2, B, N, d)
-        memories = (fused[0], fused[1], features.final)
+        memories = torch.cat([fused, features.final.unsqueeze(0).to(fused.dtype)])  # (3, B, N, d)
 
         g = features.global_embedding
         weight = torch.stack([proj.weight for proj in self.q_projs])
         bias = torch.stack([proj.bias for proj in self.q_projs])
         queries = ops.descriptor(text.to(g.dtype), g, weight.to(g.dtype), bias.to(g.dtype))  # (3, B, C, d)
 
-        qk = [decoder(queries[s], memories[s]) for s, decoder in enumerate(self.cascade_decoders)]
-        stage_q = torch.stack([q for q, _ in qk])
-        stage_k = torch.stack([k for _, k in qk])
+        # each stage's decoder on its memory, all stages batched into one pass
+        stage_q, stage_k = run_stages(self.cascade_decoders, queries, memories)
         scale = self.cascade_decoders[0].logit_scale
         logits = ops.mask_logits(stage_q, stage_k, scale)  # (B, C, N)
         if not return_intermediates:
             return HeadOutput(mask_logits=logits)
         return HeadOutput(
             mask_logits=logits,
-            stage_memory=torch.stack(memories),
+            stage_memory=memories,
             stage_query_in=queries,
             stage_q=stage_q,
             stage_k=stage_k,

@@ -41,19 +41,26 @@ def test_pipeline_run_smoke(tmp_path):
     assert (out / "cascade-tiny-openai-format.pt").exists() and (out / "train" / "latest.pt").exists()
 
 
-def test_step_ops_counts_fewer_calls_with_the_written_out_blocks(capsys):
+def test_step_ops_counts_fewer_calls_with_the_written_out_blocks_and_batched_decoders(capsys):
     """bench/step_ops.py on the tiny CLIP: the training path's written-out blocks dispatch fewer ATen calls than
-    nn.MultiheadAttention's path, forward and backward, the optimizer the same."""
+    nn.MultiheadAttention's path, and the stage-batched decoders fewer than one decoder per stage, forward and
+    backward, the optimizer the same; the script restores the model's own paths."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         import step_ops
     finally:
         sys.path.pop(0)
+    import cascade_clip.head
+    from cascade_clip.decoder import run_stages
+
     counts = step_ops.main(["--clip-model", "cascade-tiny"])
-    mha, written = counts["mha"], counts["written-out"]
-    assert written["forward+loss"] < mha["forward+loss"] and written["backward"] < mha["backward"]
-    assert written["optimizer"] == mha["optimizer"]
-    assert "| written-out |" in capsys.readouterr().out
+    mha, written = counts[("mha", "per stage")], counts[("written-out", "per stage")]
+    batched = counts[("written-out", "batched")]
+    for fewer, more in ((written, mha), (batched, written)):
+        assert fewer["forward+loss"] < more["forward+loss"] and fewer["backward"] < more["backward"]
+        assert fewer["optimizer"] == more["optimizer"]
+    assert "| written-out | batched |" in capsys.readouterr().out
+    assert cascade_clip.head.run_stages is run_stages
 
 
 def test_results_csv_append_and_refusal(tmp_path, monkeypatch):

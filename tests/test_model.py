@@ -327,3 +327,83 @@ def test_blocks_the_written_out_path_does_not_cover_keep_open_clip():
     block.attn.dropout = 0.1  # attention dropout: not written out
     assert not plain_self_attention_block(block)
     assert not plain_self_attention_block(nn.Linear(4, 4))
+
+
+def _decoder_outputs_and_grads(decoders, queries, memories, batched: bool, autocast: bool):
+    from cascade_clip.decoder import run_stages
+
+    q_in, m_in = queries.clone().requires_grad_(), memories.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if batched:
+            q, k = run_stages(decoders, q_in, m_in)
+        else:
+            pairs = [decoder(q_in[s], m_in[s]) for s, decoder in enumerate(decoders)]
+            q, k = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    (q.float().square().sum() + (k.float() * memories).sum()).backward()
+    params = {name: p.grad.clone() for name, p in decoders.named_parameters() if p.grad is not None}
+    decoders.zero_grad(set_to_none=True)
+    return q, k, q_in.grad, m_in.grad, params
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stage_batched_decoders_equal_each_decoder_on_its_stage(autocast):
+    """run_stages (what the head uses) = each stage's CascadeDecoder called on its own stage: outputs, input
+    gradients and every parameter's gradient, in float32 and under bf16 autocast (dropout 0, training mode)."""
+    torch.manual_seed(0)
+    decoders = CascadeCLIP(tiny_config(decoder_dropout=0.0)).head.cascade_decoders.train()
+    queries, memories = torch.randn(3, 2, 5, 64), torch.randn(3, 2, 16, 64)
+    ref = _decoder_outputs_and_grads(decoders, queries, memories, batched=False, autocast=autocast)
+    new = _decoder_outputs_and_grads(decoders, queries, memories, batched=True, autocast=autocast)
+    assert new[0].dtype == ref[0].dtype and new[1].dtype == ref[1].dtype
+    assert set(new[4]) == set(ref[4]) and len(ref[4]) == 3 * (2 * 16 + 4)  # two full layers, q/k of the last
+    # Batched and per-stage products sum in different orders: compare against each tensor's own scale
+    # (float32 round-off; bf16 rounding of the products under autocast).
+    rel = 2e-2 if autocast else 1e-5
+    named = [("q", "k", "queries.grad", "memories.grad")[i] for i in range(4)] + list(ref[4])
+    pairs = list(zip(new[:4], ref[:4])) + [(new[4][n], ref[4][n]) for n in ref[4]]
+    last = f"layers.{len(decoders[0].layers) - 1}."
+    for name, (a, b) in zip(named, pairs):
+        err = (a.float() - b.float()).abs().max().item()
+        scale = b.float().abs().max().item()
+        if name.endswith("multihead_attn.k.bias") and last not in name:
+            # A key bias before a softmax has an exact gradient of 0; both sides hold round-off: use the key weight's
+            scale = ref[4][name.replace(".bias", ".weight")].abs().max().item()
+        assert scale > 0 and err <= rel * scale, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def test_stage_batched_decoders_apply_dropout_in_training_only(monkeypatch):
+    """Every dropout of the per-stage layers (three per layer and the attention's) is applied, with its rate, in
+    training and in training only: the batched pass makes per stage-batch the calls each decoder makes alone."""
+    from cascade_clip.decoder import run_stages
+
+    calls = []
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        calls.append(("dropout", p, training))
+        return dropout(x, p, training, inplace)
+
+    def recording_sdpa(*args, dropout_p=0.0, **kwargs):
+        calls.append(("attention", dropout_p))
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(F, "dropout", recording_dropout)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    torch.manual_seed(0)
+    decoders = CascadeCLIP(tiny_config(decoder_dropout=0.5)).head.cascade_decoders
+    queries, memories = torch.randn(3, 1, 4, 64), torch.randn(3, 1, 9, 64)
+    for training in (True, False):
+        decoders.train(training)
+        calls.clear()
+        q_batched, k_batched = run_stages(decoders, queries, memories)
+        batched = sorted(calls, key=repr)
+        calls.clear()
+        per_stage = [decoder(queries[s], memories[s]) for s, decoder in enumerate(decoders)]
+        assert sorted(calls, key=repr) == sorted(batched * 3, key=repr)
+        assert batched.count(("dropout", 0.5, training)) == 6  # two full layers x three dropouts
+        assert batched.count(("attention", 0.5 if training else 0.0)) == 2
+        if not training:  # no randomness: the values equal
+            torch.testing.assert_close(q_batched, torch.stack([p[0] for p in per_stage]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(k_batched, torch.stack([p[1] for p in per_stage]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="S=3 decoders"):
+        run_stages(decoders, queries[:2], memories[:2])
