@@ -2,6 +2,7 @@
 
     python bench/step_ops.py                      # ViT-B/16 VOC model, bf16 autocast, reference ops
     python bench/step_ops.py --backend cpp --precision fp32
+    python bench/step_ops.py --clip-model cascade-tiny --time 30   # also ms per step (host-bound at this size)
 
 An eager bf16 training step on a GPU is host-bound (bench/RESULTS.md): its time follows the number of operators
 dispatched, each a few microseconds of Python and dispatcher work plus a kernel launch. This counts them with a
@@ -10,7 +11,7 @@ of the model side by side: the backbone's blocks through open_clip's ``nn.Multih
 attention written out as the backbone runs them in training ("written-out"), and the head's three decoders called one
 per stage ("per stage") or batched over stages as the head runs them (``decoder.run_stages``, "batched"). The count
 does not depend on the image size (64 px here).
-Counts on the CPU differ from a CUDA step in places (CPU AdamW is not foreach; CPU dropout is several ops), which the
+Counts on the CPU differ from a CUDA step in places (CPU dropout is several ops), which the
 printed phases make visible.
 """
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cascade_clip.head
 from cascade_clip import CascadeCLIP, ModelConfig, ops
 from cascade_clip.decoder import run_stages
+from cascade_clip.schedule import ADAMW_IMPLEMENTATIONS, build_optimizer
+from cascade_clip.train_config import OptimConfig
 
 
 class CountOps(TorchDispatchMode):
@@ -65,18 +70,33 @@ def count_step(model, optimizer, images, text, labels, precision: str) -> dict:
     return {name: mode.total for name, mode in phases.items()}
 
 
+def time_step(model, optimizer, images, text, labels, precision: str) -> float:
+    """Wall time (ms) of one uncounted training step."""
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model.loss(model(images, text), labels)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) * 1e3
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="reference", help="ops backend (reference, cpp, triton)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip architecture (cascade-tiny for a smoke run)")
+    parser.add_argument("--adamw", default="fused", choices=tuple(ADAMW_IMPLEMENTATIONS),
+                        help="torch's AdamW kernel (optim.implementation; train.py's default: fused)")
+    parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                        help="also time the step: median ms over ROUNDS rounds, the versions interleaved")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("voc", img_size=64, clip_model=args.clip_model)
     model = CascadeCLIP(cfg).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig(implementation=args.adamw))
     images = torch.randn(args.batch, 3, 64, 64)
     text = F.normalize(torch.randn(len(cfg.seen), model.embed_dim), dim=-1)
     labels = torch.randint(0, len(cfg.seen), (args.batch, 64, 64))
@@ -89,22 +109,36 @@ def main(argv=None) -> dict:
         ("written-out", "batched", written_out, run_stages),
     )
     print(f"# {cfg.clip_model}, {args.precision}, backend {args.backend}, B={args.batch}; ATen calls per training step")
-    print("| block path | decoders | forward+loss | backward | forward+backward | optimizer (CPU AdamW) |")
-    print("|---|---|---:|---:|---:|---:|")
-    results = {}
+    print(f"| block path | decoders | forward+loss | backward | forward+backward | optimizer ({args.adamw} AdamW) |"
+          + (" ms/step |" if args.time else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if args.time else ""))
+    step_args = (model, optimizer, images, text, labels, args.precision)
+
+    def use(version) -> None:
+        _, _, plain, run_decoders = version
+        model.backbone.plain_blocks = plain
+        cascade_clip.head.run_stages = run_decoders
+
+    results, times = {}, collections.defaultdict(list)
     try:
-        for blocks, decoders, plain, run_decoders in versions:
-            model.backbone.plain_blocks = plain
-            cascade_clip.head.run_stages = run_decoders
-            count_step(model, optimizer, images, text, labels, args.precision)  # warm-up: optimizer state, caches
-            counts = count_step(model, optimizer, images, text, labels, args.precision)
-            both = counts["forward+loss"] + counts["backward"]
-            results[(blocks, decoders)] = counts
-            print(f"| {blocks} | {decoders} | {counts['forward+loss']} | {counts['backward']} | {both} "
-                  f"| {counts['optimizer']} |")
+        for version in versions:
+            use(version)
+            count_step(*step_args)  # warm-up: optimizer state, caches
+            results[version[:2]] = count_step(*step_args)
+        for _ in range(args.time):  # interleaved, so drifts in machine load hit every version alike
+            for version in versions:
+                use(version)
+                times[version[:2]].append(time_step(*step_args))
     finally:
         model.backbone.plain_blocks = written_out
         cascade_clip.head.run_stages = run_stages
+    for key, counts in results.items():
+        both = counts["forward+loss"] + counts["backward"]
+        row = f"| {key[0]} | {key[1]} | {counts['forward+loss']} | {counts['backward']} | {both} | {counts['optimizer']} |"
+        if args.time:
+            counts["ms_per_step"] = statistics.median(times[key])
+            row += f" {counts['ms_per_step']:.2f} |"
+        print(row)
     return results
 
 

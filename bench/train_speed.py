@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from cascade_clip import CascadeCLIP, ModelConfig, ops
-from cascade_clip.train_config import COMPILE_MODES, torch_compile_mode
+from cascade_clip.schedule import build_optimizer
+from cascade_clip.train_config import COMPILE_MODES, OptimConfig, torch_compile_mode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import append_rows, git_commit  # noqa: E402
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     cfg = ModelConfig.preset("voc", **overrides)
     torch.manual_seed(0)
     model = CascadeCLIP(cfg).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig())  # as train.py
     size = cfg.img_size
     images = torch.randn(args.batch, 3, size, size, device=device)
     text = F.normalize(torch.randn(len(cfg.seen), model.embed_dim, device=device), dim=-1)

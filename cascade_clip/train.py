@@ -150,7 +150,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
     from .loss import segmentation_loss
     from .model import CascadeCLIP
     from .sampler import BatchStream
-    from .schedule import build_scheduler
+    from .schedule import build_optimizer, build_scheduler
     from .text_source import load_text
     from .train_state import (
         clean_stale_temporaries, read_resume_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
@@ -204,8 +204,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                                 transform=transform)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      weight_decay=cfg.optim.weight_decay)
+        optimizer = build_optimizer(params, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.iters)
         dtype = autocast_dtype(cfg.train.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)

@@ -22,6 +22,7 @@ import torch
 
 from .catalog import DATASET_NAMES, dataset_info
 from .config import ModelConfig
+from .schedule import ADAMW_IMPLEMENTATIONS
 
 # Precision names of train, eval and predict -> the torch.autocast dtype (None: no autocast, float32).
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +62,7 @@ class OptimConfig:
     warmup_iters: int = 1500  # linear warm-up
     warmup_ratio: float = 1e-6  # warm-up starts at lr x warmup_ratio
     grad_clip: Optional[float] = None  # official: none
+    implementation: str = "fused"  # torch's AdamW kernel: fused, foreach or for-loop (schedule.build_optimizer)
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -277,6 +279,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"eval.precision must be bf16, fp16 or fp32, got {cfg.eval.precision!r}")
     if t.compile not in COMPILE_MODES:
         raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
+    if o.implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"optim.implementation must be one of {', '.join(ADAMW_IMPLEMENTATIONS)}, got {o.implementation!r}")
     if o.lr <= 0 or o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1:
         raise ValueError(f"optim: lr {o.lr}, warmup_iters {o.warmup_iters}, warmup_ratio {o.warmup_ratio} invalid")
     if cfg.data.templates not in ("single", "multi"):

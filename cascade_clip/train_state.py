@@ -27,6 +27,7 @@ RESUME_MAY_DIFFER = {
     "data.root", "data.num_workers", "data.text_embeddings",
     "train.work_dir", "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.tensorboard", "train.kernels", "train.eval_at_end", "train.eval_at_start",
+    "optim.implementation",  # the same AdamW update and optimiser state; only the kernel differs
 }
 
 
