@@ -81,6 +81,25 @@ def time_step(model, optimizer, images, text, labels, precision: str) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def time_optimizers(params, rounds: int) -> dict:
+    """Median ms of one AdamW step per implementation over ``params`` (random gradients), interleaved rounds."""
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizers = {name: build_optimizer(params, OptimConfig(implementation=name)) for name in ADAMW_IMPLEMENTATIONS}
+    saved = [p.detach().clone() for p in params]
+    times = collections.defaultdict(list)
+    for _ in range(rounds + 1):  # the first round creates the optimizer states
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    with torch.no_grad():  # leave the parameters as they were
+        for p, value in zip(params, saved):
+            p.copy_(value)
+            p.grad = None
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="reference", help="ops backend (reference, cpp, triton)")
@@ -139,6 +158,14 @@ def main(argv=None) -> dict:
             counts["ms_per_step"] = statistics.median(times[key])
             row += f" {counts['ms_per_step']:.2f} |"
         print(row)
+    if args.time:
+        params = [p for p in model.parameters() if p.requires_grad]
+        numel = sum(p.numel() for p in params)
+        print(f"\n# AdamW step alone, {len(params)} tensors, {numel:,} parameters: median ms per implementation")
+        step_ms = time_optimizers(params, args.time)
+        print("| " + " | ".join(step_ms) + " |\n|" + "---:|" * len(step_ms))
+        print("| " + " | ".join(f"{ms:.2f}" for ms in step_ms.values()) + " |")
+        results["adamw_ms"] = step_ms
     return results
 
 

@@ -53,13 +53,14 @@ def test_step_ops_counts_fewer_calls_with_the_written_out_blocks_and_batched_dec
     import cascade_clip.head
     from cascade_clip.decoder import run_stages
 
-    counts = step_ops.main(["--clip-model", "cascade-tiny"])
+    counts = step_ops.main(["--clip-model", "cascade-tiny", "--time", "1"])
     mha, written = counts[("mha", "per stage")], counts[("written-out", "per stage")]
     batched = counts[("written-out", "batched")]
     for fewer, more in ((written, mha), (batched, written)):
         assert fewer["forward+loss"] < more["forward+loss"] and fewer["backward"] < more["backward"]
         assert fewer["optimizer"] == more["optimizer"]
     assert "| written-out | batched |" in capsys.readouterr().out
+    assert batched["ms_per_step"] > 0 and set(counts["adamw_ms"]) == {"fused", "foreach", "for-loop"}
     assert cascade_clip.head.run_stages is run_stages
 
 
