@@ -113,22 +113,53 @@ class CascadeDecoder(nn.Module):
         return self.layers[-1].query_key(queries, memory)
 
 
-
 # --------------------------------------------------------------------------- all stages at once
 # An eager bf16 training step on a GPU is host-bound (bench/RESULTS.md): its time follows the number of operators
 # dispatched. Calling the three decoders one after the other issues every operator three times; stacking each
-# layer's per-stage weights issues it once on (S, ...) tensors. The modules, parameters and checkpoint keys stay per
-# stage (the official layout); only the forward pass is batched.
+# layer's per-stage weights issues it once on (S, ...) tensors (about 840 fewer ATen calls per ViT-B/16 training step,
+# bench/step_ops.py). The modules, parameters and checkpoint keys stay per stage (the official layout); only the
+# forward pass is batched. The price is a copy of the decoder weights per forward (torch.stack), a few percent of a
+# compute-bound CPU step and negligible on a GPU.
 
 
 def _stacked(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
     return torch.stack([getattr(module, name) for module in modules])
 
 
+class _StagedLinear(torch.autograd.Function):
+    """y[s] = x[s] w[s]^T + b[s] for x (S, M, in), w (S, out, in), b (S, out).
+
+    Written out because autograd's ``baddbmm(b, x, w.mT)`` returns the weight gradient in the transposed (S, in, out)
+    layout: each stage's slice then reaches its ``nn.Linear.weight`` as a strided view that AccumulateGrad copies
+    (a strided add per parameter and step, which made the batched decoders slower than the per-stage ones on the
+    CPU). Here the weight gradient is ``g^T x``, in the weight's own layout. Under autocast the products run in the
+    autocast dtype, as ``F.linear``'s do; each gradient is returned in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.input_dtypes = (x.dtype, weight.dtype, bias.dtype)
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(device, enabled=False):
+            return torch.baddbmm(bias.unsqueeze(1), x, weight.mT)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        x_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
+        grad_x = torch.bmm(grad, weight).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.mT, x).to(weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1).to(bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 def _linear(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
     """(S, M, in) -> (S, M, out): stage s through ``linears[s]``."""
-    weight, bias = _stacked(linears, "weight"), _stacked(linears, "bias")
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return _StagedLinear.apply(x, _stacked(linears, "weight"), _stacked(linears, "bias"))
 
 
 def _layer_norm(x: torch.Tensor, norms: Sequence[nn.LayerNorm]) -> torch.Tensor:

@@ -407,3 +407,28 @@ def test_stage_batched_decoders_apply_dropout_in_training_only(monkeypatch):
             torch.testing.assert_close(k_batched, torch.stack([p[1] for p in per_stage]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="S=3 decoders"):
         run_stages(decoders, queries[:2], memories[:2])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_staged_linear_weight_gradient_keeps_the_weight_layout(autocast):
+    """The stage-batched linear hands its stacked weight (S, out, in) a gradient in that layout (autograd's baddbmm
+    with w.mT gives a transposed one, which every parameter then copies), equal to the per-stage F.linear's."""
+    from cascade_clip.decoder import _StagedLinear
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 10, 6), torch.randn(3, 4, 6, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    seen = []
+    weight.register_hook(lambda g: seen.append((g.is_contiguous(), g.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = _StagedLinear.apply(x, weight, bias)
+        y_ref = torch.stack([F.linear(x[s], weight[s], bias[s]) for s in range(3)])
+    assert y.dtype == y_ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    # batched and single products may round differently: float32 ulps, or one bf16 ulp of the rounded result
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, **tol)
+    grad = torch.randn(y.shape).to(y.dtype)
+    gw, gb = torch.autograd.grad(y, (weight, bias), grad)
+    assert seen == [(True, torch.float32)]
+    gw_ref, gb_ref = torch.autograd.grad(y_ref, (weight, bias), grad)
+    torch.testing.assert_close(gw, gw_ref, **tol)
+    torch.testing.assert_close(gb, gb_ref, **tol)
