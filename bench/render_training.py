@@ -3,10 +3,11 @@
     python bench/render_training.py --train bench/results_train.csv --pipeline bench/results_pipeline.csv
 
 Only the newest commit's runs per device are shown, one table per run (the ``run`` column: the start time of one
-train_speed.py invocation). Each table gives every (precision, backend, compile) configuration's median step time,
-img/s and peak memory, and its speed-up over the eager reference backend of the same precision in the same run: the
-configurations of one run take turns in interleaved rounds, so these ratios compare like with like. Rows of
-different runs are never compared.
+train_speed.py invocation). Each table gives every (precision, backend, compile, variant) configuration's median step
+time, img/s and peak memory, and its speed-up over the eager reference backend of the same precision in the same run
+(and, for a run with ``--variants``, the default variant's speed-up over each other variant of the same precision,
+backend and compile mode): the configurations of one run take turns in interleaved rounds, so these ratios compare
+like with like. Rows of different runs are never compared.
 """
 
 from __future__ import annotations
@@ -45,15 +46,22 @@ def step_table(rows: List[Dict[str, str]]) -> str:
             f"{first['git_commit']}; {first['model']}, {first['img_size']} px, B={first['batch']}, "
             f"{first['classes']} classes)",
             "",
-            "| precision | backend | compile | ms/step | img/s | peak MiB | vs eager reference (this run) |",
-            "|---|---|---|---:|---:|---:|---:|",
+            "| precision | backend | compile | variant | ms/step | img/s | peak MiB | vs eager reference (this run) "
+            "| default vs this variant |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in mine:
+            variant = r.get("variant") or "default"
             base = next((b for b in mine if b["precision"] == r["precision"] and b["backend"] == "reference"
-                         and b["compile"] == "none"), None)
+                         and b["compile"] == "none" and (b.get("variant") or "default") == "default"), None)
             ratio = f"{float(base['median_step_ms']) / float(r['median_step_ms']):.2f}x" if base else "-"
-            lines.append(f"| {r['precision']} | {r['backend']} | {r['compile']} | {r['median_step_ms']} "
-                         f"| {r['img_per_s']} | {r['peak_mem_mb']} | {ratio} |")
+            default = next((b for b in mine if (b["precision"], b["backend"], b["compile"])
+                            == (r["precision"], r["backend"], r["compile"]) and (b.get("variant") or "default") == "default"),
+                           None)
+            gain = (f"{float(r['median_step_ms']) / float(default['median_step_ms']):.2f}x"
+                    if default is not None and variant != "default" else "-")
+            lines.append(f"| {r['precision']} | {r['backend']} | {r['compile']} | {variant} | {r['median_step_ms']} "
+                         f"| {r['img_per_s']} | {r['peak_mem_mb']} | {ratio} | {gain} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cascade_clip.head
 from cascade_clip import CascadeCLIP, ModelConfig, ops
-from cascade_clip.decoder import run_stages
+from cascade_clip.decoder import run_each_stage, run_stages
 from cascade_clip.schedule import ADAMW_IMPLEMENTATIONS, build_optimizer
 from cascade_clip.train_config import OptimConfig
 
@@ -48,12 +48,6 @@ class CountOps(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
-
-
-def decoders_per_stage(decoders, queries, memories):
-    """The head's decoders called one per stage (the official structure; what run_stages batches)."""
-    pairs = [decoder(queries[s], memories[s]) for s, decoder in enumerate(decoders)]
-    return torch.stack([q for q, _ in pairs]), torch.stack([k for _, k in pairs])
 
 
 def count_step(model, optimizer, images, text, labels, precision: str) -> dict:
@@ -123,8 +117,8 @@ def main(argv=None) -> dict:
 
     written_out = list(model.backbone.plain_blocks)
     versions = (
-        ("mha", "per stage", [False] * len(written_out), decoders_per_stage),
-        ("written-out", "per stage", written_out, decoders_per_stage),
+        ("mha", "per stage", [False] * len(written_out), run_each_stage),
+        ("written-out", "per stage", written_out, run_each_stage),
         ("written-out", "batched", written_out, run_stages),
     )
     print(f"# {cfg.clip_model}, {args.precision}, backend {args.backend}, B={args.batch}; ATen calls per training step")

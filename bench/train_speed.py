@@ -9,11 +9,18 @@ interleaved rounds, so their img/s ratios are comparable; rows (img/s, median st
 card, versions, commit, date) are appended to a CSV.
 
     python bench/train_speed.py --out OUT.csv --backends reference,triton --compile none,default   # eager vs compiled
+    python bench/train_speed.py --out OUT.csv --precisions bf16 --variants default,per-stage-decoders,foreach-adamw
+
+``--variants`` times the step as ``train`` runs it ("default") beside earlier formulations of the same computation,
+so a host-side change is measured side by side in one run: "per-stage-decoders" calls the head's three decoders one
+per stage instead of batched over stages (``decoder.run_stages``), "foreach-adamw" and "for-loop-adamw" run torch's
+other AdamW kernels instead of the fused one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -23,7 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import cascade_clip.head
 from cascade_clip import CascadeCLIP, ModelConfig, ops
+from cascade_clip.decoder import run_each_stage, run_stages
 from cascade_clip.schedule import build_optimizer
 from cascade_clip.train_config import COMPILE_MODES, OptimConfig, torch_compile_mode
 
@@ -32,8 +41,26 @@ from results_io import append_rows, git_commit  # noqa: E402
 
 FIELDS = [
     "date", "run", "git_commit", "device", "torch", "triton", "model", "img_size", "batch", "classes", "precision",
-    "backend", "compile", "median_step_ms", "img_per_s", "peak_mem_mb", "steps",
+    "backend", "compile", "median_step_ms", "img_per_s", "peak_mem_mb", "steps", "variant",
 ]
+VARIANTS = ("default", "per-stage-decoders", "foreach-adamw", "for-loop-adamw")
+
+
+@contextlib.contextmanager
+def variant_model(variant: str):
+    """The model code of ``variant`` while inside (only per-stage-decoders changes it)."""
+    if variant != "per-stage-decoders":
+        yield
+        return
+    cascade_clip.head.run_stages = run_each_stage
+    try:
+        yield
+    finally:
+        cascade_clip.head.run_stages = run_stages
+
+
+def variant_adamw(variant: str) -> str:
+    return {"foreach-adamw": "foreach", "for-loop-adamw": "for-loop"}.get(variant, OptimConfig().implementation)
 
 
 def device_name(device: torch.device) -> str:
@@ -80,18 +107,25 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default=None, help="comma list (default: every available backend)")
     parser.add_argument("--compile", default="none",
                         help="comma list of torch.compile modes of the forward: none, default, reduce-overhead")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma list of step formulations to compare: {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
     modes = [m for m in args.compile.split(",") if m]
     for mode in modes:
         if mode not in COMPILE_MODES:
             parser.error(f"unknown --compile mode {mode!r}")
+    variants = [v for v in args.variants.split(",") if v]
+    for variant in variants:
+        if variant not in VARIANTS:
+            parser.error(f"unknown --variants entry {variant!r} (one of {', '.join(VARIANTS)})")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides = dict(clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4) if args.tiny else {}
     cfg = ModelConfig.preset("voc", **overrides)
     torch.manual_seed(0)
     model = CascadeCLIP(cfg).to(device).train()
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig())  # as train.py
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizers = {v: build_optimizer(params, OptimConfig(implementation=variant_adamw(v))) for v in variants}
     size = cfg.img_size
     images = torch.randn(args.batch, 3, size, size, device=device)
     text = F.normalize(torch.randn(len(cfg.seen), model.embed_dim, device=device), dim=-1)
@@ -105,41 +139,45 @@ def main(argv=None) -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
-    # one compiled wrapper per (backend, mode): the backend is read while tracing, so each gets its own graphs
-    configs = [(p, b, m) for p in args.precisions.split(",") for b in backends for m in modes]
+    # one compiled wrapper per (backend, mode, variant): the backend and the model code are read while tracing, so
+    # each gets its own graphs
+    configs = [(p, b, m, v) for p in args.precisions.split(",") for b in backends for m in modes for v in variants]
     nets, peaks = {}, {}
-    for precision, backend, mode in configs:  # warm-up (and compile) each configuration, recording peak memory
+    for config in configs:  # warm-up (and compile) each configuration, recording peak memory
+        precision, backend, mode, variant = config
         ops.set_backend(backend)
         net = model if mode == "none" else torch.compile(model, mode=torch_compile_mode(mode))
-        nets[(precision, backend, mode)] = net
+        nets[config] = net
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        run_steps(net, model, optimizer, images, text, labels, precision=precision, steps=args.warmup, device=device)
-        peaks[(precision, backend, mode)] = (torch.cuda.max_memory_allocated(device) / 2**20
-                                             if device.type == "cuda" else float("nan"))
+        with variant_model(variant):
+            run_steps(net, model, optimizers[variant], images, text, labels, precision=precision, steps=args.warmup,
+                      device=device)
+        peaks[config] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     times = {c: [] for c in configs}
     for _ in range(args.rounds):
         for config in configs:
-            precision, backend, _mode = config
+            precision, backend, _mode, variant = config
             ops.set_backend(backend)
-            times[config] += run_steps(nets[config], model, optimizer, images, text, labels, precision=precision,
-                                       steps=args.iters, device=device)
+            with variant_model(variant):
+                times[config] += run_steps(nets[config], model, optimizers[variant], images, text, labels,
+                                           precision=precision, steps=args.iters, device=device)
     ops.set_backend("auto")
 
     rows = []
     run = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # ratios only within one run
     for config in configs:
-        precision, backend, mode = config
+        precision, backend, mode, variant = config
         step = statistics.median(times[config])
         row = dict(
             date=datetime.date.today().isoformat(), run=run, git_commit=git_commit(), device=device_name(device),
             torch=torch.__version__, triton=triton_version, model=cfg.clip_model, img_size=size, batch=args.batch,
             classes=len(cfg.seen), precision=precision, backend=backend, compile=mode,
             median_step_ms=f"{step * 1e3:.2f}", img_per_s=f"{args.batch / step:.1f}",
-            peak_mem_mb=f"{peaks[config]:.0f}", steps=len(times[config]),
+            peak_mem_mb=f"{peaks[config]:.0f}", steps=len(times[config]), variant=variant,
         )
         rows.append(row)
-        print(f"{precision:5s} {backend:10s} compile={mode:15s} {row['median_step_ms']:>9s} ms/step "
+        print(f"{precision:5s} {backend:10s} compile={mode:15s} {variant:18s} {row['median_step_ms']:>9s} ms/step "
               f"{row['img_per_s']:>8s} img/s peak {row['peak_mem_mb']} MiB", flush=True)
     try:
         append_rows(args.out, FIELDS, rows)

@@ -14,10 +14,13 @@ def test_train_speed_smoke(tmp_path):
     out = tmp_path / "train.csv"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "train_speed.py"), "--tiny", "--iters", "1", "--warmup", "1",
            "--batch", "2", "--precisions", "fp32", "--backends", "reference", "--out", str(out)]
-    for _ in range(2):  # rows are appended, never overwritten
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    # rows are appended, never overwritten; the second run compares the step's variants side by side
+    subprocess.run(cmd + ["--variants", "default,per-stage-decoders,for-loop-adamw"], check=True, capture_output=True,
+                   text=True, timeout=300)
     rows = list(csv.DictReader(open(out)))
-    assert len(rows) == 2 and all(r["backend"] == "reference" and float(r["img_per_s"]) > 0 for r in rows)
+    assert len(rows) == 4 and all(r["backend"] == "reference" and float(r["img_per_s"]) > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["default", "default", "per-stage-decoders", "for-loop-adamw"]
     # render_training.py: one table per run (ratios never cross runs)
     md = tmp_path / "train.md"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "render_training.py"), "--train", str(out),
@@ -25,7 +28,10 @@ def test_train_speed_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     runs = {r["run"] for r in rows}
     text = md.read_text()
-    assert all(f"run {run}" in text for run in runs) and text.count("| fp32 | reference | none |") == len(runs)
+    assert all(f"run {run}" in text for run in runs) and text.count("| fp32 | reference | none | default |") == len(runs)
+    assert "| fp32 | reference | none | per-stage-decoders |" in text
+    bad = subprocess.run(cmd + ["--variants", "fastest"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown --variants entry 'fastest'" in bad.stderr
 
 
 def test_pipeline_run_smoke(tmp_path):

@@ -330,15 +330,11 @@ def test_blocks_the_written_out_path_does_not_cover_keep_open_clip():
 
 
 def _decoder_outputs_and_grads(decoders, queries, memories, batched: bool, autocast: bool):
-    from cascade_clip.decoder import run_stages
+    from cascade_clip.decoder import run_each_stage, run_stages
 
     q_in, m_in = queries.clone().requires_grad_(), memories.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        if batched:
-            q, k = run_stages(decoders, q_in, m_in)
-        else:
-            pairs = [decoder(q_in[s], m_in[s]) for s, decoder in enumerate(decoders)]
-            q, k = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        q, k = (run_stages if batched else run_each_stage)(decoders, q_in, m_in)
     (q.float().square().sum() + (k.float() * memories).sum()).backward()
     params = {name: p.grad.clone() for name, p in decoders.named_parameters() if p.grad is not None}
     decoders.zero_grad(set_to_none=True)
