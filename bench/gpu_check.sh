@@ -54,9 +54,9 @@ step "bench eager+triton B=8" 55 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --
 step "bench loss B=8" 35 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops loss --providers eager,triton --batches 8 --budget-s 20 --rep-ms 50
 step "bench compile B=8" 80 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops $HEAD_OPS --providers compile --batches 8 --budget-s 60 --rep-ms 50
 
-# 3. the other batch sizes with what is left of 5 minutes (the render and the install report follow; the training
-#    check after this script needs ~3.5 of the device call's 10)
-left=$(( 300 - ($(date +%s) - START) ))
+# 3. the other batch sizes with what is left of 4.75 minutes (the render and the install report follow; the training
+#    check after this script needs ~4 of the device call's 10)
+left=$(( 285 - ($(date +%s) - START) ))
 if [ "$left" -gt 20 ]; then
     step "bench eager+triton B=4,16" "$left" "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops $HEAD_OPS --providers eager,triton --batches 4,16 --budget-s $(( left - 15 )) --rep-ms 50
 else

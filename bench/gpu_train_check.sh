@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the training side (issue 5): whole-model training steps and the pipeline end to end.
 #
-#   CASCADE_CLIP_COMMIT=<sha of the tree> bash bench/gpu_train_check.sh OUT_DIR      (about 3.5 minutes)
+#   CASCADE_CLIP_COMMIT=<sha of the tree> bash bench/gpu_train_check.sh OUT_DIR      (about 4 minutes)
 #
 # Same fresh-machine set-up as bench/gpu_check.sh (bench/gpu_env.sh: wheels from ./wheels, no network). Run both in
 # one device call, `bash bench/gpu_check.sh $OUT; bash bench/gpu_train_check.sh $OUT` (device timeout ~600 s):
@@ -32,8 +32,11 @@ if [ -z "$DRY" ]; then
     else
         log "no time left for the compiled training step"
     fi
+    # 4. inference (segment, fp32, one 512x683 image): the written-out block attention vs nn.MultiheadAttention's
+    step "segment speed" 30 "$LOG" $PY bench/segment_speed.py --rounds 5
 else
     step "train speed (tiny, dry run)" 90 "$LOG" $PY bench/train_speed.py --tiny --iters 1 --rounds 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --variants default,per-stage-decoders,foreach-adamw --out "$OUT/results_train.csv"
     step "pipeline run (tiny, dry run)" 90 "$LOG" $PY bench/pipeline_run.py --tiny --iters 2 --num-workers 0 --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --set train.eval_at_end=false
+    step "segment speed (tiny, dry run)" 60 "$LOG" $PY bench/segment_speed.py --clip-model cascade-tiny --short-side 64 --rounds 1
 fi
 log "done in $(( $(date +%s) - START ))s"

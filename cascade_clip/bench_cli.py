@@ -7,6 +7,7 @@
     cascade-clip bench pipeline --out DIR       # bench/pipeline_run.py: the VOC preset end to end
     cascade-clip bench host                     # bench/host_overhead.py: host time of the Triton call path
     cascade-clip bench steps                    # bench/step_ops.py: ATen calls per training step (host work)
+    cascade-clip bench segment                  # bench/segment_speed.py: inference (segment) per block path
 
 The scripts are not part of the installed package (they write results next to the code and need the repository), so
 this works from an editable install of a clone (``make install``); the arguments after the benchmark's name go to the
@@ -27,6 +28,7 @@ SCRIPTS = {
     "pipeline": "pipeline_run.py",
     "host": "host_overhead.py",
     "steps": "step_ops.py",
+    "segment": "segment_speed.py",
 }
 
 

@@ -111,3 +111,17 @@ def test_cascade_clip_bench_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_cli, "bench_dir", lambda: None)
     with pytest.raises(SystemExit, match="the benchmarks live in the repository's bench/ folder"):
         cli.main(["bench", "cpu"])
+
+
+def test_segment_speed_smoke(capsys):
+    """bench/segment_speed.py on the tiny CLIP: both block attention paths give the same scores and a time each; the
+    model keeps its own path afterwards."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import segment_speed
+    finally:
+        sys.path.pop(0)
+    result = segment_speed.main(["--clip-model", "cascade-tiny", "--short-side", "64", "--rounds", "1"])
+    assert set(result["seconds"]) == {"written-out attention", "nn.MultiheadAttention"}
+    assert all(s > 0 for s in result["seconds"].values()) and result["max_difference"] < 1e-4
+    assert "| written-out attention |" in capsys.readouterr().out
