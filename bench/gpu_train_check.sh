@@ -18,15 +18,16 @@ source "$(dirname "$0")/gpu_env.sh"
 if [ -z "$DRY" ]; then
     # 1. whole-model training steps (ViT-B/16, 512 px, B=8, 15 classes; random weights, synthetic batch, the data
     #    pipeline not timed): reference vs triton ops in bf16, each as train runs it and with the decoders one per
-    #    stage or the foreach AdamW (the host-side changes since the last GPU run), interleaved rounds, img/s and peak
-    #    memory. (fp32, GPU-bound at ~213 ms/step, was measured in the earlier runs.)
-    step "train speed" 50 "$LOG" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton \
-        --precisions bf16 --variants default,per-stage-decoders,foreach-adamw --rounds 2
+    #    stage, CLIP's blocks through nn.MultiheadAttention or the foreach AdamW (the host-side changes since the last
+    #    GPU run), interleaved rounds, img/s and peak memory. (fp32, GPU-bound at ~213 ms/step, was measured in the
+    #    earlier runs.)
+    step "train speed" 60 "$LOG" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton \
+        --precisions bf16 --variants default,per-stage-decoders,mha-blocks,foreach-adamw --rounds 2
     # 2. the training pipeline end to end: VOC preset, an OpenAI-format CLIP file with random weights, procedural
     #    VOC-layout data at VOC's sizes, data-loader workers, 300 iterations, checkpoint, evaluation
     step "pipeline run" 100 "$LOG" $PY bench/pipeline_run.py --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --iters 300
-    # 3. eager vs torch.compile of the bf16 step (each configuration compiles once), with what is left of ~3.5 min
-    left=$(( 210 - ($(date +%s) - START) ))
+    # 3. eager vs torch.compile of the bf16 step (each configuration compiles once), with what is left of ~3.7 min
+    left=$(( 220 - ($(date +%s) - START) ))
     if [ "$left" -gt 50 ]; then
         step "train speed compiled" "$left" "$LOG" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends triton,reference --precisions bf16 --compile none,default --rounds 2
     else
@@ -35,7 +36,7 @@ if [ -z "$DRY" ]; then
     # 4. inference (segment, fp32, one 512x683 image): the written-out block attention vs nn.MultiheadAttention's
     step "segment speed" 30 "$LOG" $PY bench/segment_speed.py --rounds 5
 else
-    step "train speed (tiny, dry run)" 90 "$LOG" $PY bench/train_speed.py --tiny --iters 1 --rounds 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --variants default,per-stage-decoders,foreach-adamw --out "$OUT/results_train.csv"
+    step "train speed (tiny, dry run)" 90 "$LOG" $PY bench/train_speed.py --tiny --iters 1 --rounds 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --variants default,per-stage-decoders,mha-blocks,foreach-adamw --out "$OUT/results_train.csv"
     step "pipeline run (tiny, dry run)" 90 "$LOG" $PY bench/pipeline_run.py --tiny --iters 2 --num-workers 0 --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --set train.eval_at_end=false
     step "segment speed (tiny, dry run)" 60 "$LOG" $PY bench/segment_speed.py --clip-model cascade-tiny --short-side 64 --rounds 1
 fi

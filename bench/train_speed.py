@@ -13,7 +13,8 @@ card, versions, commit, date) are appended to a CSV.
 
 ``--variants`` times the step as ``train`` runs it ("default") beside earlier formulations of the same computation,
 so a host-side change is measured side by side in one run: "per-stage-decoders" calls the head's three decoders one
-per stage instead of batched over stages (``decoder.run_stages``), "foreach-adamw" and "for-loop-adamw" run torch's
+per stage instead of batched over stages (``decoder.run_stages``), "mha-blocks" runs CLIP's blocks through
+``nn.MultiheadAttention`` instead of the written-out attention, "foreach-adamw" and "for-loop-adamw" run torch's
 other AdamW kernels instead of the fused one.
 """
 
@@ -43,20 +44,23 @@ FIELDS = [
     "date", "run", "git_commit", "device", "torch", "triton", "model", "img_size", "batch", "classes", "precision",
     "backend", "compile", "median_step_ms", "img_per_s", "peak_mem_mb", "steps", "variant",
 ]
-VARIANTS = ("default", "per-stage-decoders", "foreach-adamw", "for-loop-adamw")
+VARIANTS = ("default", "per-stage-decoders", "mha-blocks", "foreach-adamw", "for-loop-adamw")
 
 
 @contextlib.contextmanager
-def variant_model(variant: str):
-    """The model code of ``variant`` while inside (only per-stage-decoders changes it)."""
-    if variant != "per-stage-decoders":
-        yield
-        return
-    cascade_clip.head.run_stages = run_each_stage
+def variant_model(model, variant: str):
+    """``model`` runs the code of ``variant`` while inside: the decoders one per stage, or CLIP's blocks through
+    ``nn.MultiheadAttention`` instead of the written-out attention."""
+    plain_blocks = list(model.backbone.plain_blocks)
+    if variant == "per-stage-decoders":
+        cascade_clip.head.run_stages = run_each_stage
+    elif variant == "mha-blocks":
+        model.backbone.plain_blocks = [False] * len(plain_blocks)
     try:
         yield
     finally:
         cascade_clip.head.run_stages = run_stages
+        model.backbone.plain_blocks = plain_blocks
 
 
 def variant_adamw(variant: str) -> str:
@@ -150,7 +154,7 @@ def main(argv=None) -> None:
         nets[config] = net
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with variant_model(variant):
+        with variant_model(model, variant):
             run_steps(net, model, optimizers[variant], images, text, labels, precision=precision, steps=args.warmup,
                       device=device)
         peaks[config] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
@@ -159,7 +163,7 @@ def main(argv=None) -> None:
         for config in configs:
             precision, backend, _mode, variant = config
             ops.set_backend(backend)
-            with variant_model(variant):
+            with variant_model(model, variant):
                 times[config] += run_steps(nets[config], model, optimizers[variant], images, text, labels,
                                            precision=precision, steps=args.iters, device=device)
     ops.set_backend("auto")

@@ -16,11 +16,11 @@ def test_train_speed_smoke(tmp_path):
            "--batch", "2", "--precisions", "fp32", "--backends", "reference", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     # rows are appended, never overwritten; the second run compares the step's variants side by side
-    subprocess.run(cmd + ["--variants", "default,per-stage-decoders,for-loop-adamw"], check=True, capture_output=True,
-                   text=True, timeout=300)
+    variants = ["default", "per-stage-decoders", "mha-blocks", "for-loop-adamw"]
+    subprocess.run(cmd + ["--variants", ",".join(variants)], check=True, capture_output=True, text=True, timeout=300)
     rows = list(csv.DictReader(open(out)))
-    assert len(rows) == 4 and all(r["backend"] == "reference" and float(r["img_per_s"]) > 0 for r in rows)
-    assert [r["variant"] for r in rows] == ["default", "default", "per-stage-decoders", "for-loop-adamw"]
+    assert len(rows) == 5 and all(r["backend"] == "reference" and float(r["img_per_s"]) > 0 for r in rows)
+    assert [r["variant"] for r in rows] == ["default"] + variants
     # render_training.py: one table per run (ratios never cross runs)
     md = tmp_path / "train.md"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "render_training.py"), "--train", str(out),
