@@ -8,7 +8,7 @@ An eager bf16 training step on a GPU is host-bound (bench/RESULTS.md): its time 
 dispatched, each a few microseconds of Python and dispatcher work plus a kernel launch. This counts them with a
 ``TorchDispatchMode`` over one step (forward + official loss, backward, AdamW), split into phases, for three versions
 of the model side by side: the backbone's blocks through open_clip's ``nn.MultiheadAttention`` ("mha") or with the
-attention written out as the backbone runs them in training ("written-out"), and the head's three decoders called one
+attention written out as the backbone runs them ("written-out"), and the head's three decoders called one
 per stage ("per stage") or batched over stages as the head runs them (``decoder.run_stages``, "batched"). The count
 does not depend on the image size (64 px here).
 Counts on the CPU differ from a CUDA step in places (CPU dropout is several ops), which the

@@ -126,6 +126,10 @@ def _stacked(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
     return torch.stack([getattr(module, name) for module in modules])
 
 
+# the floating dtypes autocast casts to its lower precision (it leaves float64 alone)
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _StagedLinear(torch.autograd.Function):
     """y[s] = x[s] w[s]^T + b[s] for x (S, M, in), w (S, out, in), b (S, out).
 
@@ -139,8 +143,15 @@ class _StagedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        ctx.input_dtypes = (x.dtype, weight.dtype, bias.dtype)
+        inputs = (x.dtype, weight.dtype, bias.dtype)
+        if torch.is_autocast_enabled(device) and all(t in _AUTOCAST_ELIGIBLE for t in inputs):
+            dtype = torch.get_autocast_dtype(device)
+        elif len(set(inputs)) == 1:
+            dtype = x.dtype
+        else:  # as F.linear outside autocast: no silent casts
+            raise ValueError(f"staged linear: input {x.dtype}, weight {weight.dtype} and bias {bias.dtype} differ "
+                             "outside autocast")
+        ctx.input_dtypes = inputs
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         ctx.save_for_backward(x, weight)
         with torch.autocast(device, enabled=False):
@@ -207,7 +218,9 @@ def run_stages(decoders: Sequence[CascadeDecoder], queries: torch.Tensor,
     """``decoders[s](queries[s], memories[s])`` for every stage s, batched over stages.
 
     queries (S, B, C, d), memories (S, B, N, d) -> (q (S, B, C, d), k (S, B, N, d)) of each decoder's last layer.
-    The decoders must share their structure (layer count, heads, dropout), as the head builds them.
+    The decoders must share their structure (layer count, heads, dropout rates, norm eps; the head builds them so)
+    and their training mode: the first decoder's heads, rates and eps are used for all (layer count and mode are
+    checked).
     """
     if queries.dim() != 4 or memories.dim() != 4 or queries.shape[:2] != memories.shape[:2] \
             or queries.shape[0] != len(decoders):
@@ -215,10 +228,15 @@ def run_stages(decoders: Sequence[CascadeDecoder], queries: torch.Tensor,
             f"expected queries (S, B, C, d) and memories (S, B, N, d) for S={len(decoders)} decoders, got "
             f"{tuple(queries.shape)} and {tuple(memories.shape)}"
         )
+    training = decoders[0].training
+    if any(d.training != training or len(d.layers) != len(decoders[0].layers) for d in decoders):
+        raise ValueError(
+            "run_stages needs decoders of one structure and mode; got training "
+            f"{[d.training for d in decoders]}, layers {[len(d.layers) for d in decoders]}"
+        )
     stages, batch, classes, dim = queries.shape
     pixels = memories.shape[2]
     x, memory = queries.reshape(stages, batch * classes, dim), memories.reshape(stages, batch * pixels, dim)
-    training = decoders[0].training
     for depth in range(len(decoders[0].layers) - 1):
         x = _layer([decoder.layers[depth] for decoder in decoders], x, memory, batch, training)
     last = [decoder.layers[-1].multihead_attn for decoder in decoders]

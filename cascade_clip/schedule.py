@@ -24,11 +24,30 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg) -> torch.op
     host-bound: the for-loop update issues ~10 operators per parameter tensor (1224 calls per step on the CPU for the
     VOC model; bench/step_ops.py).
     """
+    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, **_implementation_flags(optim_cfg))
+
+
+def _implementation_flags(optim_cfg) -> dict:
+    """torch.optim.AdamW's ``fused`` and ``foreach`` for ``optim_cfg.implementation`` (both keys, always)."""
     if optim_cfg.implementation not in ADAMW_IMPLEMENTATIONS:
         raise ValueError(f"optim.implementation must be one of {', '.join(ADAMW_IMPLEMENTATIONS)}, "
                          f"got {optim_cfg.implementation!r}")
-    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay, **ADAMW_IMPLEMENTATIONS[optim_cfg.implementation])
+    return {"fused": None, "foreach": None, **ADAMW_IMPLEMENTATIONS[optim_cfg.implementation]}
+
+
+def load_optimizer_state(optimizer: torch.optim.AdamW, state: dict, optim_cfg) -> None:
+    """Resume ``optimizer`` from a checkpoint's ``state`` with the configured implementation.
+
+    An optimiser state dict carries its ``fused``/``foreach`` flags in its parameter groups, and ``load_state_dict``
+    would restore them: a for-loop checkpoint (or one from before ``optim.implementation`` existed) would keep
+    running the for-loop kernel under a fused configuration, and GradScaler, which checks the optimiser it was built
+    with, would hand that kernel fused-only arguments (fp16 runs fail on their first step). The moments and step
+    counts are the same in every implementation; only the flags are replaced.
+    """
+    flags = _implementation_flags(optim_cfg)
+    state = {**state, "param_groups": [{**group, **flags} for group in state["param_groups"]]}
+    optimizer.load_state_dict(state)
 
 
 class PolyWarmup:

@@ -150,7 +150,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
     from .loss import segmentation_loss
     from .model import CascadeCLIP
     from .sampler import BatchStream
-    from .schedule import build_optimizer, build_scheduler
+    from .schedule import build_optimizer, build_scheduler, load_optimizer_state
     from .text_source import load_text
     from .train_state import (
         clean_stale_temporaries, read_resume_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
@@ -211,7 +211,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         start = 0
         if state is not None:
             model.load_state_dict(state["model"], strict=True)
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"], cfg.optim)
             scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])

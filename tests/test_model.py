@@ -403,6 +403,9 @@ def test_stage_batched_decoders_apply_dropout_in_training_only(monkeypatch):
             torch.testing.assert_close(k_batched, torch.stack([p[1] for p in per_stage]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="S=3 decoders"):
         run_stages(decoders, queries[:2], memories[:2])
+    decoders[1].train()  # one stage in another mode: refused, not silently run in the first one's
+    with pytest.raises(ValueError, match=r"training \[False, True, False\]"):
+        run_stages(decoders, queries, memories)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -426,5 +429,14 @@ def test_staged_linear_weight_gradient_keeps_the_weight_layout(autocast):
     gw, gb = torch.autograd.grad(y, (weight, bias), grad)
     assert seen == [(True, torch.float32)]
     gw_ref, gb_ref = torch.autograd.grad(y_ref, (weight, bias), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # float64 is not autocast's to cast (it runs as is), and outside autocast mixed dtypes are refused as in
+        # F.linear, never cast silently
+        y64 = _StagedLinear.apply(x.double(), weight.double(), bias.double())
+        assert y64.dtype == torch.float64
+        torch.testing.assert_close(y64, y_ref.double(), **tol)
+        if not autocast:
+            with pytest.raises(ValueError, match="input torch.bfloat16, weight torch.float32"):
+                _StagedLinear.apply(x.bfloat16(), weight, bias)
     torch.testing.assert_close(gw, gw_ref, **tol)
     torch.testing.assert_close(gb, gb_ref, **tol)

@@ -91,56 +91,66 @@ _ADAMW_GRADS = [[torch.randn(s, generator=torch.Generator().manual_seed(100 * i 
                 for i in range(12)]
 
 
-def _adamw_run(implementation, steps, start_state=None):
+_ADAMW_FLAGS = {"fused": (True, None), "foreach": (None, True), "for-loop": (None, False)}  # (fused, foreach)
+
+
+def _adamw_run(implementation, steps, start_state=None, grad_scaler=False):
     """AdamW updates with the official values and schedule on fixed odd-sized parameters, gradients
-    ``_ADAMW_GRADS[first:first + steps]`` (first = the steps already in ``start_state``); returns the parameters and
-    the optimiser and scheduler states."""
-    from cascade_clip.schedule import build_optimizer, build_scheduler
+    ``_ADAMW_GRADS[first:first + steps]`` (first = the steps already in ``start_state``), resumed as train.py does;
+    with ``grad_scaler`` the steps go through an fp16-style GradScaler (gradients scaled by a power of two, so the
+    update is the same). Returns the parameters, the optimiser and scheduler states, and the optimiser's flags."""
+    from cascade_clip.schedule import build_optimizer, build_scheduler, load_optimizer_state
 
     cfg = dataclasses.replace(preset("voc").optim, implementation=implementation, warmup_iters=3)
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in _ADAMW_SHAPES]
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, max_iters=len(_ADAMW_GRADS))
+    scaler = torch.amp.GradScaler("cpu", enabled=grad_scaler)
     first = 0
     if start_state is not None:
         with torch.no_grad():
             for p, value in zip(params, start_state["params"]):
                 p.copy_(value)
-        optimizer.load_state_dict(start_state["optimizer"])
+        load_optimizer_state(optimizer, start_state["optimizer"], cfg)
         scheduler.load_state_dict(start_state["scheduler"])
         first = start_state["steps"]
+    flags = (optimizer.param_groups[0]["fused"], optimizer.param_groups[0]["foreach"])
     for grads in _ADAMW_GRADS[first : first + steps]:
         for p, grad in zip(params, grads):
-            p.grad = grad.clone()
-        optimizer.step()
+            p.grad = scaler.scale(grad.clone())  # the identity when the scaler is off
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
     return {"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "steps": first + steps}
+            "scheduler": scheduler.state_dict(), "steps": first + steps, "flags": flags}
 
 
 def test_adamw_implementations_give_the_same_update():
     """optim.implementation (fused by default) only picks torch's kernel: fused, foreach and the for-loop AdamW (what
-    mmcv ran) give the same parameters up to float32 round-off, and an optimiser state written by one continues in
-    another (resume across implementations is allowed)."""
+    mmcv ran) give the same parameters up to float32 round-off; a run resumed from another implementation's state
+    (or from a state without the flags, as written before the setting existed) continues with the configured one,
+    through a GradScaler too (fp16 training)."""
     from cascade_clip.train_state import config_differences
 
-    from cascade_clip.schedule import build_optimizer
-
     assert preset("voc").optim.implementation == "fused"
-    for implementation, flags in (("fused", (True, None)), ("foreach", (None, True)), ("for-loop", (None, False))):
-        cfg = dataclasses.replace(preset("voc").optim, implementation=implementation)
-        defaults = build_optimizer([torch.nn.Parameter(torch.ones(2))], cfg).defaults
-        assert (defaults["fused"], defaults["foreach"]) == flags, implementation
     loop = _adamw_run("for-loop", 12)
+    assert loop["flags"] == _ADAMW_FLAGS["for-loop"]
     for implementation in ("fused", "foreach"):
         other = _adamw_run(implementation, 12)
+        assert other["flags"] == _ADAMW_FLAGS[implementation]
         for a, b in zip(other["params"], loop["params"]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # lr 2e-4: 1e-6 is 0.5% of one step
-        half = _adamw_run(implementation, 6)
-        resumed = _adamw_run("for-loop", 6, start_state=half)
-        for a, b in zip(resumed["params"], loop["params"]):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for saved, resumed_with in (("fused", "for-loop"), ("for-loop", "fused"), ("foreach", "fused"), ("old", "fused")):
+        for grad_scaler in (False, True):
+            half = _adamw_run("for-loop" if saved == "old" else saved, 6, grad_scaler=grad_scaler)
+            if saved == "old":  # a state dict from before optim.implementation: torch's defaults, no flags chosen
+                half["optimizer"]["param_groups"] = [{**g, "fused": None, "foreach": None}
+                                                     for g in half["optimizer"]["param_groups"]]
+            resumed = _adamw_run(resumed_with, 6, start_state=half, grad_scaler=grad_scaler)
+            assert resumed["flags"] == _ADAMW_FLAGS[resumed_with], (saved, resumed_with)
+            for a, b in zip(resumed["params"], loop["params"]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="optim.implementation must be one of fused, foreach, for-loop, got 'adam'"):
         resolve("voc", ["optim.implementation=adam"])
     stored, current = preset("voc").to_dict(), resolve("voc", ["optim.implementation=foreach"]).to_dict()
