@@ -121,7 +121,10 @@ def test_segment_speed_smoke(capsys):
         import segment_speed
     finally:
         sys.path.pop(0)
-    result = segment_speed.main(["--clip-model", "cascade-tiny", "--short-side", "64", "--rounds", "1"])
-    assert set(result["seconds"]) == {"written-out attention", "nn.MultiheadAttention"}
-    assert all(s > 0 for s in result["seconds"].values()) and result["max_difference"] < 1e-4
-    assert "| written-out attention |" in capsys.readouterr().out
+    result = segment_speed.main(["--clip-model", "cascade-tiny", "--short-side", "64", "--rounds", "1",
+                                 "--precisions", "fp32,bf16"])
+    assert set(result["seconds"]) == {(p, path) for p in ("fp32", "bf16")
+                                      for path in ("written-out attention", "nn.MultiheadAttention")}
+    assert all(s > 0 for s in result["seconds"].values())
+    assert result["max_difference"]["fp32"] < 1e-4 and result["max_difference"]["bf16"] < 5e-2  # bf16 rounding
+    assert "| bf16 | written-out attention |" in capsys.readouterr().out
