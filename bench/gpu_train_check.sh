@@ -34,7 +34,7 @@ if [ -z "$DRY" ]; then
         log "no time left for the compiled training step"
     fi
     # 4. inference (segment, fp32, one 512x683 image): the written-out block attention vs nn.MultiheadAttention's
-    step "segment speed" 30 "$LOG" $PY bench/segment_speed.py --rounds 5
+    step "segment speed" 30 "$LOG" $PY bench/segment_speed.py --rounds 5 --precisions fp32,bf16
 else
     step "train speed (tiny, dry run)" 90 "$LOG" $PY bench/train_speed.py --tiny --iters 1 --rounds 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --variants default,per-stage-decoders,mha-blocks,foreach-adamw --out "$OUT/results_train.csv"
     step "pipeline run (tiny, dry run)" 90 "$LOG" $PY bench/pipeline_run.py --tiny --iters 2 --num-workers 0 --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --set train.eval_at_end=false
