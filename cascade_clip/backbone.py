@@ -164,9 +164,13 @@ class VPTBackbone(nn.Module):
         self.drop_path_rates = [float(r) for r in torch.linspace(0, drop_path_rate, num_blocks)]
         self.plain_blocks = [plain_self_attention_block(block) for block in self.transformer.resblocks]
 
-    def _prompts(self, embeddings: torch.Tensor, batch: int) -> torch.Tensor:
-        """embeddings (T, W) -> (B, T, W); dropout after broadcasting, so each image draws its own mask."""
-        return self.prompt_dropout(self.prompt_proj(embeddings).unsqueeze(0).expand(batch, -1, -1))
+    def _prompts(self, batch: int) -> torch.Tensor:
+        """The projected prompt tokens of every block that receives them, (1 + deep_prompt_layers, B, T, W): the input
+        prompts, then block i's deep prompts at index i. One projection and one dropout for all blocks (the official
+        code projects per block: the same values, in a dozen fewer operators per block of a host-bound step); dropout
+        after broadcasting, so each image draws its own mask."""
+        embeddings = torch.cat([self.prompt_embeddings, self.deep_prompt_embeddings])  # (1 + L, T, W)
+        return self.prompt_dropout(self.prompt_proj(embeddings).unsqueeze(1).expand(-1, batch, -1, -1))
 
     def _embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """images (B, 3, H, W) -> tokens (B, 1+h*w, W) after ln_pre, and the grid (h, w)."""
@@ -196,11 +200,12 @@ class VPTBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         x, grid = self._embed(images)
         batch, n_prompt = x.shape[0], self.num_prompt_tokens
-        x = torch.cat([x[:, :1], self._prompts(self.prompt_embeddings[0], batch), x[:, 1:]], dim=1)
+        prompts = self._prompts(batch)
+        x = torch.cat([x[:, :1], prompts[0], x[:, 1:]], dim=1)
         taps = []
         for index in range(len(self.transformer.resblocks)):
             if 1 <= index <= self.deep_prompt_embeddings.shape[0]:
-                deep = self._prompts(self.deep_prompt_embeddings[index - 1], batch)
+                deep = prompts[index]
                 x = torch.cat([x[:, :1], deep, x[:, 1 + n_prompt :]], dim=1)
             elif index > self.deep_prompt_embeddings.shape[0] and x.shape[1] > 1 + grid[0] * grid[1]:
                 # Official behaviour when prompts stop early: later blocks run without the prompt tokens.

@@ -440,3 +440,22 @@ def test_staged_linear_weight_gradient_keeps_the_weight_layout(autocast):
                 _StagedLinear.apply(x.bfloat16(), weight, bias)
     torch.testing.assert_close(gw, gw_ref, **tol)
     torch.testing.assert_close(gb, gb_ref, **tol)
+
+
+def test_prompts_of_all_blocks_are_projected_at_once_with_per_image_dropout():
+    """backbone._prompts: block i's prompts are prompt_proj of its own embeddings (index 0: the input prompts), the
+    same for every image in eval; in training the dropout mask is drawn per image, token and channel."""
+    torch.manual_seed(0)
+    backbone = CascadeCLIP(tiny_config(prompt_dropout=0.5)).backbone
+    layers = backbone.deep_prompt_embeddings.shape[0]
+    backbone.eval()
+    prompts = backbone._prompts(3)
+    assert prompts.shape == (1 + layers, 3, 4, 192)
+    torch.testing.assert_close(prompts[0, 2], backbone.prompt_proj(backbone.prompt_embeddings[0]))
+    for i in (1, layers):
+        torch.testing.assert_close(prompts[i, 1], backbone.prompt_proj(backbone.deep_prompt_embeddings[i - 1]))
+    backbone.train()
+    dropped = backbone._prompts(3)
+    kept = dropped != 0
+    assert not torch.equal(kept[:, 0], kept[:, 1]) and 0.4 < kept.float().mean() < 0.6
+    torch.testing.assert_close(dropped[kept], (prompts * 2)[kept])  # survivors scaled by 1 / (1 - p)
