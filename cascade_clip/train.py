@@ -157,7 +157,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         set_rng_state,
     )
     from .transforms import TrainTransform
-    from .zero_shot import inductive_labels, training_text, transductive_labels
+    from .zero_shot import TrainingLabels, training_text
     from . import distributed as dist_utils
 
     info = dist_utils.setup()
@@ -196,6 +196,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         text = text.to(device)
         train_text = training_text(text, mcfg.seen, cfg.train.transductive)
         num_classes = len(mcfg.class_names)
+        to_training_labels = TrainingLabels(mcfg.seen, num_classes, transductive=cfg.train.transductive, device=device)
 
         transform = TrainTransform(crop=mcfg.img_size, scale=tuple(cfg.data.scale), ratio_range=tuple(cfg.data.ratio_range),
                                    cat_max_ratio=cfg.data.cat_max_ratio, flip_prob=cfg.data.flip_prob,
@@ -271,16 +272,17 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 if not cfg.train.transductive:
-                    labels = inductive_labels(labels, mcfg.seen, num_classes)
+                    labels = to_training_labels(labels)
                 sync = nullcontext() if (micro == accum - 1 or not info.distributed) else net.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         out = net(images, train_text)
                     if cfg.train.transductive:
-                        labels = transductive_labels(labels, out["mask_logits"], mcfg.seen)
+                        labels = to_training_labels(labels, out["mask_logits"])
+                    # labels were checked when read and mapped by construction: no per-step check (a GPU sync)
                     losses = segmentation_loss(out["mask_logits"], labels, focal_weight=mcfg.focal_weight,
                                                dice_weight=mcfg.dice_weight,
-                                               ignore_pixels=mcfg.loss_ignores_ignore_pixels)
+                                               ignore_pixels=mcfg.loss_ignores_ignore_pixels, validate_labels=False)
                     scaler.scale(losses["loss"] / accum).backward()
                 totals += torch.stack([losses["loss"].detach(), losses["loss_mask"].detach(), losses["loss_dice"].detach()]) / accum
             if cfg.optim.grad_clip:

@@ -84,6 +84,34 @@ def transductive_labels(
     return torch.where(mapped == _UNLABELLED, pseudo, mapped)
 
 
+class TrainingLabels:
+    """Dataset labels -> the labels one training run uses, with the tables on ``device`` built once.
+
+    ``labels(batch)`` is :func:`inductive_labels` (inductive runs) and ``labels(batch, mask_logits)`` is
+    :func:`transductive_labels` (self-training), the same values, for the training loop: no table is rebuilt and
+    copied to the device per step, and no range check reads values back from the GPU (each a host-device sync in a
+    host-bound step). The batches must be what the datasets give: class indices read from 8-bit masks (0..255),
+    checked against the dataset's classes when read.
+    """
+
+    def __init__(self, seen: Sequence[int], num_classes: int, *, transductive: bool, device: torch.device):
+        self.transductive = transductive
+        table = (transductive_table if transductive else inductive_table)(seen, num_classes)
+        self.table = table.to(device)
+        self.seen = torch.tensor([int(i) for i in seen], device=device)
+
+    def __call__(self, labels: torch.Tensor, mask_logits: "torch.Tensor | None" = None) -> torch.Tensor:
+        mapped = self.table[labels.long()]
+        if not self.transductive:
+            return mapped
+        if mask_logits is None:
+            raise ValueError("transductive training labels need the model's mask logits for the pseudo-labels")
+        with torch.no_grad():
+            scores = torch.sigmoid(mask_logits.detach().float())
+            scores[:, self.seen] = -1.0  # seen channels never win a pseudo-label
+            return torch.where(mapped == _UNLABELLED, scores.argmax(dim=1), mapped)
+
+
 def training_text(text: torch.Tensor, seen: Sequence[int], transductive: bool) -> torch.Tensor:
     """Text rows the model trains against: the seen rows (inductive) or all rows (transductive)."""
     if transductive:

@@ -172,3 +172,30 @@ def test_rgb_mask_rejected(tmp_path):
     with pytest.raises(ValueError, match="mode 'RGB'"):
         read_mask(str(path))
     assert reduce_zero_label(np.array([0, 1, 255, 20], np.uint8)).tolist() == [255, 0, 255, 19]
+
+
+@pytest.mark.parametrize("transductive", [False, True])
+def test_training_labels_equal_the_per_call_label_maps(transductive):
+    """zero_shot.TrainingLabels (the training loop's label map, tables built once) = inductive_labels /
+    transductive_labels, on COCO's non-contiguous seen set with every label value 0..255."""
+    from cascade_clip.catalog import dataset_info
+    from cascade_clip.zero_shot import TrainingLabels
+
+    info = dataset_info("coco")
+    num_classes = len(info.classes)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.arange(256), torch.randint(0, num_classes, (256,), generator=gen)]).view(2, 16, 16)
+    labels[labels >= num_classes] = 255  # what a dataset yields: its classes or 255
+    labels = labels.to(torch.uint8).long()
+    logits = torch.randn(2, num_classes, 16, 16, generator=gen)
+    mapper = TrainingLabels(info.seen, num_classes, transductive=transductive, device=torch.device("cpu"))
+    if transductive:
+        expected = transductive_labels(labels, logits, info.seen)
+        assert torch.equal(mapper(labels, logits), expected)
+        with pytest.raises(ValueError, match="need the model's mask logits"):
+            mapper(labels)
+    else:
+        expected = inductive_labels(labels, info.seen, num_classes)
+        assert torch.equal(mapper(labels), expected)
+        assert torch.equal(mapper(labels.to(torch.uint8)), expected)
+    assert expected.dtype == torch.int64 and set(expected.unique().tolist()) - set(range(num_classes)) <= {255}
