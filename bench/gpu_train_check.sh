@@ -33,7 +33,7 @@ if [ -z "$DRY" ]; then
     else
         log "no time left for the compiled training step"
     fi
-    # 4. inference (segment, fp32, one 512x683 image): the written-out block attention vs nn.MultiheadAttention's
+    # 4. inference (segment, fp32 and bf16, one 512x682 image): the written-out block attention vs nn.MultiheadAttention's
     step "segment speed" 30 "$LOG" $PY bench/segment_speed.py --rounds 5 --precisions fp32,bf16
 else
     step "train speed (tiny, dry run)" 90 "$LOG" $PY bench/train_speed.py --tiny --iters 1 --rounds 1 --warmup 1 --batch 2 --precisions fp32 --backends reference --variants default,per-stage-decoders,mha-blocks,foreach-adamw --out "$OUT/results_train.csv"

@@ -1,7 +1,7 @@
 """Inference speed of ``model.segment`` (what ``eval`` and ``predict`` run), the CLIP blocks' two attention paths side
 by side.
 
-    python bench/segment_speed.py                         # ViT-B/16 VOC model, one 512x683 image, 20 classes, CPU
+    python bench/segment_speed.py                         # ViT-B/16 VOC model, one 512x682 image, 20 classes, CPU
     python bench/segment_speed.py --clip-model cascade-tiny --short-side 64 --rounds 2    # smoke run
     python bench/segment_speed.py --precisions fp32,bf16       # also under bf16 autocast (predict --precision bf16)
 

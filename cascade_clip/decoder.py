@@ -148,9 +148,9 @@ class _StagedLinear(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device)
         elif len(set(inputs)) == 1:
             dtype = x.dtype
-        else:  # as F.linear outside autocast: no silent casts
+        else:  # as F.linear: no silent casts of what autocast would not cast either
             raise ValueError(f"staged linear: input {x.dtype}, weight {weight.dtype} and bias {bias.dtype} differ "
-                             "outside autocast")
+                             "(autocast casts only float16/bfloat16/float32 inputs)")
         ctx.input_dtypes = inputs
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         ctx.save_for_backward(x, weight)

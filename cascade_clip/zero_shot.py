@@ -91,7 +91,7 @@ class TrainingLabels:
     :func:`transductive_labels` (self-training), the same values, for the training loop: no table is rebuilt and
     copied to the device per step, and no range check reads values back from the GPU (each a host-device sync in a
     host-bound step). The batches must be what the datasets give: class indices read from 8-bit masks (0..255),
-    checked against the dataset's classes when read.
+    checked against the dataset's classes when read; other values are not checked here (a negative one would wrap).
     """
 
     def __init__(self, seen: Sequence[int], num_classes: int, *, transductive: bool, device: torch.device):
@@ -106,6 +106,9 @@ class TrainingLabels:
             return mapped
         if mask_logits is None:
             raise ValueError("transductive training labels need the model's mask logits for the pseudo-labels")
+        if mask_logits.dim() != 4 or mask_logits.shape[0] != labels.shape[0] or mask_logits.shape[-2:] != labels.shape[-2:]:
+            raise ValueError(f"mask logits {tuple(mask_logits.shape)} and labels {tuple(labels.shape)} must be "
+                             "(B, C, H, W) and (B, H, W)")
         with torch.no_grad():
             scores = torch.sigmoid(mask_logits.detach().float())
             scores[:, self.seen] = -1.0  # seen channels never win a pseudo-label

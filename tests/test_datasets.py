@@ -194,6 +194,8 @@ def test_training_labels_equal_the_per_call_label_maps(transductive):
         assert torch.equal(mapper(labels, logits), expected)
         with pytest.raises(ValueError, match="need the model's mask logits"):
             mapper(labels)
+        with pytest.raises(ValueError, match=r"mask logits \(2, 171, 16, 8\) and labels \(2, 16, 16\)"):
+            mapper(labels, logits[..., :8])
     else:
         expected = inductive_labels(labels, info.seen, num_classes)
         assert torch.equal(mapper(labels), expected)

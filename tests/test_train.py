@@ -141,7 +141,8 @@ def test_adamw_implementations_give_the_same_update():
         assert other["flags"] == _ADAMW_FLAGS[implementation]
         for a, b in zip(other["params"], loop["params"]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # lr 2e-4: 1e-6 is 0.5% of one step
-    for saved, resumed_with in (("fused", "for-loop"), ("for-loop", "fused"), ("foreach", "fused"), ("old", "fused")):
+    for saved, resumed_with in (("fused", "for-loop"), ("for-loop", "fused"), ("foreach", "fused"), ("fused", "foreach"),
+                                ("old", "fused")):
         for grad_scaler in (False, True):
             half = _adamw_run("for-loop" if saved == "old" else saved, 6, grad_scaler=grad_scaler)
             if saved == "old":  # a state dict from before optim.implementation: torch's defaults, no flags chosen
