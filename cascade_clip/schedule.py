@@ -25,10 +25,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg) -> torch.op
     VOC model; bench/step_ops.py).
     """
     return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay, **_implementation_flags(optim_cfg))
+                             weight_decay=optim_cfg.weight_decay, **adamw_flags(optim_cfg))
 
 
-def _implementation_flags(optim_cfg) -> dict:
+def adamw_flags(optim_cfg) -> dict:
     """torch.optim.AdamW's ``fused`` and ``foreach`` for ``optim_cfg.implementation`` (both keys, always)."""
     if optim_cfg.implementation not in ADAMW_IMPLEMENTATIONS:
         raise ValueError(f"optim.implementation must be one of {', '.join(ADAMW_IMPLEMENTATIONS)}, "
@@ -45,7 +45,7 @@ def load_optimizer_state(optimizer: torch.optim.AdamW, state: dict, optim_cfg) -
     with, would hand that kernel fused-only arguments (fp16 runs fail on their first step). The moments and step
     counts are the same in every implementation; only the flags are replaced.
     """
-    flags = _implementation_flags(optim_cfg)
+    flags = adamw_flags(optim_cfg)
     state = {**state, "param_groups": [{**group, **flags} for group in state["param_groups"]]}
     optimizer.load_state_dict(state)
 

@@ -22,7 +22,7 @@ import torch
 
 from .catalog import DATASET_NAMES, dataset_info
 from .config import ModelConfig
-from .schedule import ADAMW_IMPLEMENTATIONS
+from .schedule import adamw_flags
 
 # Precision names of train, eval and predict -> the torch.autocast dtype (None: no autocast, float32).
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -279,8 +279,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"eval.precision must be bf16, fp16 or fp32, got {cfg.eval.precision!r}")
     if t.compile not in COMPILE_MODES:
         raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {t.compile!r}")
-    if o.implementation not in ADAMW_IMPLEMENTATIONS:
-        raise ValueError(f"optim.implementation must be one of {', '.join(ADAMW_IMPLEMENTATIONS)}, got {o.implementation!r}")
+    adamw_flags(o)  # raises for an unknown optim.implementation
     if o.lr <= 0 or o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1:
         raise ValueError(f"optim: lr {o.lr}, warmup_iters {o.warmup_iters}, warmup_ratio {o.warmup_ratio} invalid")
     if cfg.data.templates not in ("single", "multi"):

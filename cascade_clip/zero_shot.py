@@ -76,12 +76,17 @@ def transductive_labels(
         raise ValueError(
             f"mask logits {tuple(mask_logits.shape)} and labels {tuple(labels.shape)} must share H and W"
         )
-    table = transductive_table(seen, num_classes)
-    mapped = apply_table(labels, table)
+    mapped = apply_table(labels, transductive_table(seen, num_classes))
+    return _with_pseudo_labels(mapped, mask_logits, torch.tensor([int(i) for i in seen], device=mask_logits.device))
+
+
+@torch.no_grad()
+def _with_pseudo_labels(mapped: torch.Tensor, mask_logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Transductive-table labels with every unlabelled pixel set to the argmax of sigmoid(logits) over the unseen
+    channels (``seen``, an index tensor on the logits' device, are set to -1 first, as officially, so they never win)."""
     scores = torch.sigmoid(mask_logits.detach().float())
-    scores[:, torch.tensor([int(i) for i in seen], device=scores.device)] = -1.0
-    pseudo = scores.argmax(dim=1)
-    return torch.where(mapped == _UNLABELLED, pseudo, mapped)
+    scores[:, seen] = -1.0
+    return torch.where(mapped == _UNLABELLED, scores.argmax(dim=1), mapped)
 
 
 class TrainingLabels:
@@ -109,10 +114,7 @@ class TrainingLabels:
         if mask_logits.dim() != 4 or mask_logits.shape[0] != labels.shape[0] or mask_logits.shape[-2:] != labels.shape[-2:]:
             raise ValueError(f"mask logits {tuple(mask_logits.shape)} and labels {tuple(labels.shape)} must be "
                              "(B, C, H, W) and (B, H, W)")
-        with torch.no_grad():
-            scores = torch.sigmoid(mask_logits.detach().float())
-            scores[:, self.seen] = -1.0  # seen channels never win a pseudo-label
-            return torch.where(mapped == _UNLABELLED, scores.argmax(dim=1), mapped)
+        return _with_pseudo_labels(mapped, mask_logits, self.seen)
 
 
 def training_text(text: torch.Tensor, seen: Sequence[int], transductive: bool) -> torch.Tensor:
