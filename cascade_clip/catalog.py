@@ -16,6 +16,9 @@ _DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "d
 
 DATASET_NAMES = ("voc", "context", "coco")
 
+# The ignore label of every dataset (mmseg's ignore_index): masks, crops' padding, the loss and the metrics skip it.
+IGNORE_INDEX = 255
+
 
 @functools.lru_cache(maxsize=1)
 def _raw() -> Dict:

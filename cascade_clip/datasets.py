@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .catalog import IGNORE_INDEX
 from .image_io import read_rgb
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

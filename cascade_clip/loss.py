@@ -15,8 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import ops
-
-IGNORE_INDEX = 255
+from .catalog import IGNORE_INDEX
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from .catalog import IGNORE_INDEX
 
 
 def update_confusion(cm: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:

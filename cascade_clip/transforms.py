@@ -19,9 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision import tv_tensors
 
-from .catalog import image_norm
-
-IGNORE_INDEX = 255
+from .catalog import IGNORE_INDEX, image_norm
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:

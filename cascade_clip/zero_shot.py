@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from .catalog import IGNORE_INDEX
+
 _UNLABELLED = -1  # table entry for labels the model must not see as such (official: -1)
 
 

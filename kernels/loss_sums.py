@@ -33,9 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..catalog import IGNORE_INDEX as _IGNORE_LABEL
 from .launch import cdiv, contiguous, elementwise_settings
 
-IGNORE_INDEX = tl.constexpr(255)  # a constexpr: the compiler (unlike the interpreter) rejects plain globals
+IGNORE_INDEX = tl.constexpr(_IGNORE_LABEL)  # a constexpr: the compiler (unlike the interpreter) rejects plain globals
 # Pixels per program (8 per thread at 8 warps): the labels are read once per block and reused for every class, and each
 # class costs four block reductions, so larger blocks amortise them; 2048 keeps ~64 registers per thread live and still
 # gives 128 programs per 512x512 image. The partial sums are 4 per (class, block): 1/512 of the logits.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..catalog import IGNORE_INDEX
+
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The accumulation dtype: float32, or float64 when an input is float64 (gradcheck)."""
@@ -54,9 +56,6 @@ def mask_logits(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, normalize
         k_a = F.normalize(k_a, dim=-1)
     out = torch.einsum("sbcd,sbnd,s->bcn", q_a, k_a, scale.to(acc))
     return out.to(q.dtype)
-
-
-IGNORE_INDEX = 255
 
 
 def loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_pixels: bool) -> torch.Tensor:
