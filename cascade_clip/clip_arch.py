@@ -58,7 +58,9 @@ def create_clip(name: str, pretrained: Optional[str] = None, quick_gelu: bool = 
     """An open_clip CLIP model ``name`` at its native resolution, random or with ``pretrained`` weights.
 
     ``pretrained`` is a local file (read here, never downloaded) or an open_clip pretrained tag such as ``"openai"``
-    (open_clip fetches tagged weights from its hub or cache: only when the user asks for a tag).
+    (open_clip fetches tagged weights from its hub or cache: only when the user asks for a tag). ``quick_gelu``
+    decides the activation for every architecture, also those whose open_clip config names one (``cascade-tiny``,
+    the ``-quickgelu`` variants): open_clip's ``force_quick_gelu`` alone can only switch QuickGELU on.
     """
     register_architectures()
     import open_clip
@@ -88,7 +90,7 @@ def create_clip(name: str, pretrained: Optional[str] = None, quick_gelu: bool = 
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
         try:
-            return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+            return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, quick_gelu=quick_gelu)
         finally:
             logging.disable(previous)
-    return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu, quick_gelu=quick_gelu)

@@ -87,8 +87,9 @@ class ModelConfig:
             )
         if self.seen and (min(self.seen) < 0 or max(self.seen) >= len(self.class_names)):
             raise ValueError(f"seen indices {self.seen} out of range for {len(self.class_names)} classes")
-        if self.crop_size <= 0 or self.stride <= 0:
-            raise ValueError(f"crop_size and stride must be positive, got {self.crop_size}, {self.stride}")
+        if not 0 < self.stride <= self.crop_size:  # a longer stride leaves pixels outside every window
+            raise ValueError(f"sliding windows need 0 < stride <= crop_size, got crop_size {self.crop_size}, "
+                             f"stride {self.stride}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -143,11 +143,12 @@ def list_samples(dataset: str, root: str, split: str) -> List[Sample]:
 
 
 def read_mask(path: str) -> np.ndarray:
-    """A label PNG as (H, W) uint8 class indices: palette indices for 'P' images, values for grayscale ones."""
+    """A label PNG as (H, W) uint8 class indices: palette indices for 'P' images, values for grayscale ones (1-bit
+    masks as 0/1, as mmseg's Pillow decoding gives them)."""
     try:
         with Image.open(path) as mask:
             mode = mask.mode
-            if mode in ("P", "L"):
+            if mode in ("P", "L", "1"):
                 array = np.asarray(mask, dtype=np.uint8).copy()
             elif mode in ("I", "I;16", "I;16B", "I;16L"):
                 array = np.asarray(mask).astype(np.int64)

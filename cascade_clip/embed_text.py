@@ -43,6 +43,10 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
         "default: the official set of the class preset / checkpoint dataset (VOC single, Context/COCO multi); "
         "multi for predict --training-free",
     )
+    group.add_argument("--no-quick-gelu", action="store_true",
+                       help="the CLIP weights were trained with GELU (most non-OpenAI open_clip weights), not OpenAI's "
+                       "QuickGELU (default: a checkpoint's config, else QuickGELU); predict --checkpoint: the model's "
+                       "quick_gelu=false")
     group.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"embedding cache (default {DEFAULT_CACHE_DIR})")
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
 
@@ -69,21 +73,24 @@ def run(args: argparse.Namespace) -> None:
     from .text_weights import embeddings_for, pick_text_weights
 
     classes = parse_classes(args.classes)
-    raw, cfg = None, None
+    raw, cfg, dataset = None, None, None
     if args.checkpoint:
-        from .checkpoint import read_any_checkpoint
+        from .checkpoint import official_dataset, read_any_checkpoint
 
         from .config import ModelConfig
 
         raw = read_any_checkpoint(args.checkpoint)
         if "model_config" in raw:
             cfg = ModelConfig.from_dict(raw["model_config"])
+            dataset = cfg.dataset
+        else:  # official: the dataset it was trained on, for its templates (as predict picks them)
+            dataset = official_dataset(raw["official_state_dict"])
     clip_model = args.clip_model or (cfg.clip_model if cfg is not None else "ViT-B-16")
     source = pick_text_weights(
         clip_model=clip_model, clip_weights=args.clip_weights, checkpoint_path=args.checkpoint,
-        checkpoint_raw=raw, checkpoint_config=cfg,
+        checkpoint_raw=raw, checkpoint_config=cfg, quick_gelu=False if args.no_quick_gelu else None,
     )
-    templates = args.templates or official_templates(classes.preset or (cfg.dataset if cfg is not None else None))
+    templates = args.templates or official_templates(classes.preset or dataset)
     start = time.perf_counter()
     embeddings = embeddings_for(
         classes.names, source, templates=templates, cache_dir=None if args.no_cache else args.cache_dir,

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, dataset, clip_pretrained=None) -> torch.Tensor:
     """Class embeddings for evaluation: ``path`` if given; else those stored in our checkpoint when the classes are
-    the ones it was trained on; else an official checkpoint's own text tower; else CLIP's text tower
+    the ones it was trained on; else, for an official checkpoint, CLIP's text tower with ``clip_pretrained`` if given,
+    else the checkpoint's own (``text_encoder.*``), the precedence of ``predict``; else CLIP's text tower
     (``clip_pretrained``) or, without weights, the fixed-seed random tower."""
     from .text_source import load_text
 
@@ -175,11 +176,14 @@ def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, d
         return torch.as_tensor(stored).float()
     templates = templates or ("single" if dataset == "voc" else "multi")
     if not path and "official_state_dict" in raw_checkpoint:
-        # An official checkpoint carries CLIP ViT-B/16's text tower (text_encoder.*): embed the class names with it.
-        from .text import class_embeddings
+        from .text_weights import embeddings_for, pick_text_weights
 
-        return class_embeddings(class_names, clip_model=model.cfg.clip_model, official_checkpoint=raw_checkpoint["path"],
-                                templates=templates)
+        # an official checkpoint without text_encoder.* and no clip_pretrained is a named error here: a random text
+        # tower would make the official model's metrics meaningless
+        source = pick_text_weights(clip_model=model.cfg.clip_model, clip_weights=clip_pretrained,
+                                   checkpoint_path=raw_checkpoint["path"], checkpoint_raw=raw_checkpoint,
+                                   quick_gelu=model.cfg.quick_gelu)
+        return embeddings_for(class_names, source, templates=templates)
     return load_text(
         class_names,
         embed_dim=model.embed_dim,
@@ -187,6 +191,7 @@ def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, d
         clip_pretrained=clip_pretrained,
         templates=templates,
         path=path,
+        quick_gelu=model.cfg.quick_gelu,
     )
 
 

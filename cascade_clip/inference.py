@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F
 
 
+def check_windows(crop: int, stride: int) -> None:
+    """Raise ValueError unless ``0 < stride <= crop``: a stride past the crop leaves pixels that no window covers
+    (the official code asserts every pixel is counted)."""
+    if crop <= 0 or not 0 < stride <= crop:
+        raise ValueError(f"sliding windows need 0 < stride <= crop, got crop {crop}, stride {stride}")
+
+
 def window_starts(size: int, crop: int, stride: int) -> list:
     """Official window placement along one axis: (start, end) pairs, the last window flush with the border."""
     count = max(size - crop + stride - 1, 0) // stride + 1
@@ -64,6 +71,7 @@ def slide_inference(
     """
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+    check_windows(crop, stride)
     batch, _, height, width = images.shape
     total = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)

@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .head import CascadeHead
 from .inference import slide_inference
 from .loss import segmentation_loss
-from .official import LoadReport, convert_official_state_dict, read_checkpoint, to_official_key
+from .official import LOSS_BUFFER_KEY, LoadReport, convert_official_state_dict, loss_buffer, read_checkpoint, to_official_key
 
 
 def build_backbone(cfg: ModelConfig) -> VPTBackbone:
@@ -146,9 +146,13 @@ class CascadeCLIP(nn.Module):
         """Calibrated per-class scores (B, C, H, W) by sliding-window inference, for images of any size.
 
         ``seen``: indices of text rows to calibrate (minus ``cfg.seen_calibration`` on their sigmoid scores). None
-        means the config's seen classes when ``text`` holds exactly the config's classes, and no calibration
-        otherwise. The argmax over C is the label map. ``window_batch``: windows run through the model together
-        (the same scores; fewer, larger forward calls).
+        means the config's seen classes when ``text`` has as many rows as the config has classes (taken to be those
+        classes, in the config's order: the official test), and no calibration otherwise; pass ``seen`` for any
+        other class list. The argmax over C is the label map. ``window_batch``: windows run through the model
+        together (the same scores; fewer, larger forward calls).
+
+        Inference always runs in eval mode (no dropout), as the official test does; a model in training mode is
+        switched back afterwards.
         """
         self._check_images(images)
         self._check_text(text)
@@ -157,17 +161,22 @@ class CascadeCLIP(nn.Module):
         seen = [int(i) for i in seen]
         if any(not 0 <= i < text.shape[0] for i in seen):
             raise ValueError(f"seen indices {seen} out of range for {text.shape[0]} classes")
-        return slide_inference(
-            lambda window: self(window, text)["mask_logits"],
-            images,
-            num_classes=text.shape[0],
-            crop=self.cfg.crop_size,
-            stride=self.cfg.stride,
-            patch=self.patch_size,
-            seen=seen,
-            calibration=self.cfg.seen_calibration,
-            window_batch=window_batch,
-        )
+        was_training = self.training
+        self.eval()
+        try:
+            return slide_inference(
+                lambda window: self(window, text)["mask_logits"],
+                images,
+                num_classes=text.shape[0],
+                crop=self.cfg.crop_size,
+                stride=self.cfg.stride,
+                patch=self.patch_size,
+                seen=seen,
+                calibration=self.cfg.seen_calibration,
+                window_batch=window_batch,
+            )
+        finally:
+            self.train(was_training)
 
     # ------------------------------------------------------------------ official checkpoints
     def load_official_state_dict(self, state_dict: Union[str, os.PathLike, Mapping]) -> LoadReport:
@@ -181,5 +190,14 @@ class CascadeCLIP(nn.Module):
         return report
 
     def official_state_dict(self) -> Dict[str, torch.Tensor]:
-        """This model's weights under the official checkpoint's names (skipped keys absent)."""
-        return {to_official_key(k): v for k, v in self.state_dict().items()}
+        """This model's weights under the official checkpoint's names, plus the official loss buffer (the other skipped
+        keys absent: the text tower, the decoders' self-attention and norm1).
+
+        The buffer is sized as the official configs size it, the seen classes + 1 for an inductive model, and all
+        classes + 1 for a self-training one (no seen calibration, ``cfg.seen_calibration == 0``: the ``-st`` presets;
+        the VOC-st convention, so that :func:`cascade_clip.checkpoint.official_preset` recognises the export of every
+        dataset's ``-st`` model)."""
+        state = {to_official_key(k): v for k, v in self.state_dict().items()}
+        trained = len(self.cfg.seen) if self.cfg.seen_calibration and self.cfg.seen else len(self.cfg.class_names)
+        state[LOSS_BUFFER_KEY] = loss_buffer(trained).to(self.head.weights_s1.device)
+        return state

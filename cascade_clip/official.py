@@ -24,6 +24,19 @@ SKIPPED_KEY_PATTERNS = (
     (r"^decode_head\.loss_decode\.criterion\.empty_weight$", "unused loss buffer"),
 )
 
+# The official loss's buffer ``ones(num_classes + 1)`` with its last entry 0.1 (MODEL_SPEC.md section 5). The forward
+# never reads it, but its length is the class count the loss was configured with, which tells the VOC self-training
+# checkpoint from the inductive one (:func:`cascade_clip.checkpoint.official_preset`); exports write it for that.
+LOSS_BUFFER_KEY = "decode_head.loss_decode.criterion.empty_weight"
+_NO_OBJECT_WEIGHT = 0.1
+
+
+def loss_buffer(num_classes: int) -> torch.Tensor:
+    """The official ``criterion.empty_weight`` of a loss over ``num_classes`` classes."""
+    weight = torch.ones(num_classes + 1)
+    weight[-1] = _NO_OBJECT_WEIGHT
+    return weight
+
 _PREFIXES = (("backbone.", "backbone."), ("decode_head.", "head."))
 
 

@@ -122,13 +122,15 @@ def build_segmenter(args: argparse.Namespace):
             args.clip_weights, classes, clip_model=args.clip_model, text_embeddings=args.text_embeddings,
             templates=args.templates or "multi", temperature=args.temperature, short_side=args.short_side,
             crop_size=args.crop_size or 512, stride=args.stride or 426, device=args.device, cache_dir=cache_dir,
-            precision=args.precision,
+            precision=args.precision, quick_gelu=not args.no_quick_gelu,
         )
     overrides = dict(args.overrides)
     if args.crop_size:
         overrides["crop_size"] = args.crop_size
     if args.stride:
         overrides["stride"] = args.stride
+    if args.no_quick_gelu:
+        overrides["quick_gelu"] = False
     seen = None if args.seen is None else [s for s in args.seen.split(",") if s.strip()]
     return Segmenter.from_checkpoint(
         args.checkpoint, classes, text_embeddings=args.text_embeddings, clip_weights=args.clip_weights,

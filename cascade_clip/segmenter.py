@@ -13,6 +13,7 @@ original size, argmax over classes.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -22,7 +23,7 @@ from PIL import Image
 
 from .class_list import ClassList, official_templates, parse_classes
 from .image_io import normalize_rgb, read_rgb
-from .inference import scores_at_original_size
+from .inference import check_windows, scores_at_original_size
 from .text import DEFAULT_CACHE_DIR
 from .train_config import AUTOCAST_DTYPES
 from .transforms import eval_resize
@@ -194,7 +195,7 @@ class Segmenter:
         ``config``/``overrides``: as :func:`cascade_clip.checkpoint.load_model` (e.g. ``crop_size``). ``precision``: see
         the class (``"fp32"``, the official, by default).
         """
-        from .checkpoint import load_model
+        from .checkpoint import AmbiguousCheckpointWarning, load_model
         from .text_weights import embeddings_for, embeddings_from_file, pick_text_weights
 
         import dataclasses
@@ -210,7 +211,10 @@ class Segmenter:
         # be fetched and a file (possibly on another machine) read only to be overwritten.
         overrides.setdefault("clip_pretrained", None)
         try:
-            model, raw = load_model(path, config=config, map_location=str(device), **overrides)
+            with warnings.catch_warnings():
+                if not calibration:  # inductive or -st only decides the calibration, which is off
+                    warnings.simplefilter("ignore", AmbiguousCheckpointWarning)
+                model, raw = load_model(path, config=config, map_location=str(device), **overrides)
         except ValueError as exc:
             raise ValueError(str(exc) if path in str(exc) else f"{path}: {exc}") from exc
         cfg = model.cfg
@@ -219,7 +223,8 @@ class Segmenter:
             text = embeddings_from_file(text_embeddings, class_list.names, dim=model.embed_dim)
         else:
             source = pick_text_weights(clip_model=cfg.clip_model, clip_weights=clip_weights, checkpoint_path=path,
-                                       checkpoint_raw=raw, checkpoint_config=config or stored_cfg)
+                                       checkpoint_raw=raw, checkpoint_config=config or stored_cfg,
+                                       quick_gelu=cfg.quick_gelu)
             # a preset class list is embedded as the official configs embed that dataset (eval does the same)
             default_templates = official_templates(class_list.preset or cfg.dataset)
             text = embeddings_for(class_list.names, source, templates=templates or default_templates,
@@ -238,9 +243,12 @@ class Segmenter:
         def score_fn(images: torch.Tensor) -> torch.Tensor:
             return model.segment(images, text, seen=seen_idx)
 
-        seen_text = ", ".join(class_list.names[i] for i in seen_idx) or "none"
-        description = (f"Cascade-CLIP {cfg.clip_model} from {path} ({cfg.dataset} preset), "
-                       f"calibrated (-{cfg.seen_calibration}) seen classes: {seen_text}")
+        if seen_idx and cfg.seen_calibration:
+            seen_text = ", ".join(class_list.names[i] for i in seen_idx)
+            calibration_text = f"calibrated (-{cfg.seen_calibration}) seen classes: {seen_text}"
+        else:
+            calibration_text = "no seen-class calibration"
+        description = f"Cascade-CLIP {cfg.clip_model} from {path} ({cfg.dataset} preset), {calibration_text}"
         segmenter = cls(score_fn=score_fn, class_names=class_list.names, device=device, short_side=short_side,
                         seen=seen_idx, preset=class_list.preset, description=description, precision=precision)
         segmenter.model, segmenter.text = model, text
@@ -262,24 +270,27 @@ class Segmenter:
         device: Union[None, str, torch.device] = None,
         cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
         precision: str = "fp32",
+        quick_gelu: bool = True,
     ) -> "Segmenter":
         """Dense CLIP (MaskCLIP recipe, :mod:`cascade_clip.training_free`) with ``clip_weights`` (tag or file).
 
         Scores are per-class softmax probabilities of cosine / ``temperature`` (default CLIP's ``1/logit_scale``),
-        averaged over sliding windows of ``crop_size`` / ``stride``.
+        averaged over sliding windows of ``crop_size`` / ``stride``. ``quick_gelu``: the activation the weights were
+        trained with (OpenAI's CLIP: QuickGELU; most other open_clip weights: GELU, ``False``).
         """
         from .text_weights import TextWeights, embeddings_for, embeddings_from_file
         from .training_free import build_dense_clip
 
         if not clip_weights:
             raise ValueError("training-free mode needs CLIP weights: an open_clip tag (e.g. 'openai') or a local file")
+        check_windows(crop_size, stride)
         class_list = classes if isinstance(classes, ClassList) else parse_classes(classes)
         device = torch.device(device) if device is not None else _default_device()
-        dense = build_dense_clip(clip_model, clip_weights, temperature=temperature).to(device)
+        dense = build_dense_clip(clip_model, clip_weights, temperature=temperature, quick_gelu=quick_gelu).to(device)
         if text_embeddings:
             text = embeddings_from_file(text_embeddings, class_list.names, dim=dense.visual.proj.shape[1])
         else:
-            text = embeddings_for(class_list.names, TextWeights(clip_model, pretrained=clip_weights),
+            text = embeddings_for(class_list.names, TextWeights(clip_model, pretrained=clip_weights, quick_gelu=quick_gelu),
                                   templates=templates, cache_dir=cache_dir, device=device)
         text = text.to(device)
 

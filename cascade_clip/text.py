@@ -117,9 +117,11 @@ def _fingerprint(weights: Optional[str]) -> str:
     return f"tag:{weights}"
 
 
-def cache_key(clip_model: str, weights: Optional[str], templates: Sequence[str], class_names: Sequence[str]) -> str:
-    """Hex key of everything that determines an embedding: model, weights identity, templates, class names."""
-    payload = json.dumps([clip_model, _fingerprint(weights), list(templates), list(class_names)])
+def cache_key(clip_model: str, weights: Optional[str], templates: Sequence[str], class_names: Sequence[str],
+              quick_gelu: bool = True) -> str:
+    """Hex key of everything that determines an embedding: model, its activation, weights identity, templates, class
+    names."""
+    payload = json.dumps([clip_model, bool(quick_gelu), _fingerprint(weights), list(templates), list(class_names)])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -167,18 +169,20 @@ def class_embeddings(
     templates: Union[str, Sequence[str]] = "single",
     cache_dir: Optional[str] = DEFAULT_CACHE_DIR,
     device: Union[str, torch.device] = "cpu",
+    quick_gelu: bool = True,
 ) -> torch.Tensor:
     """(C, D) embeddings of ``class_names``, from the disk cache when the same request was made before.
 
     Weights: ``official_checkpoint`` (its ``text_encoder.*``) if given, else ``pretrained`` (tag or file), else random
-    (random weights are never cached: each build draws new ones).
+    (random weights are never cached: each build draws new ones). ``quick_gelu``: the text tower's activation, which
+    must be the one its weights were trained with (QuickGELU for OpenAI's CLIP; the model's ``cfg.quick_gelu``).
     """
     names = check_class_names(class_names)
     template_list = resolve_templates(templates)
     weights = official_checkpoint or pretrained
     path = None
     if cache_dir and weights is not None:
-        path = os.path.join(cache_dir, f"{clip_model}-{cache_key(clip_model, weights, template_list, names)}.npy")
+        path = os.path.join(cache_dir, f"{clip_model}-{cache_key(clip_model, weights, template_list, names, quick_gelu)}.npy")
         if os.path.isfile(path):
             return load_embeddings(path)
     official_state = None
@@ -186,7 +190,7 @@ def class_embeddings(
         from .official import read_checkpoint
 
         official_state = read_checkpoint(official_checkpoint)
-    model = build_text_model(clip_model, pretrained, official_state_dict=official_state).to(device)
+    model = build_text_model(clip_model, pretrained, official_state_dict=official_state, quick_gelu=quick_gelu).to(device)
     embeddings = encode_class_names(model, names, template_list, clip_model=clip_model)
     if path is not None:
         save_embeddings(path, embeddings)

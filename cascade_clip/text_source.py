@@ -26,8 +26,10 @@ def load_text(
     clip_pretrained: Optional[str],
     templates: str = "single",
     path: Optional[str] = None,
+    quick_gelu: bool = True,
 ) -> torch.Tensor:
-    """(C, D) float32 embeddings of ``class_names`` (see the module doc for the sources)."""
+    """(C, D) float32 embeddings of ``class_names`` (see the module doc for the sources). ``quick_gelu``: the text
+    tower's activation (the model's ``cfg.quick_gelu``)."""
     from .text import class_embeddings, load_embeddings
 
     if path:
@@ -50,9 +52,11 @@ def load_text(
         # Random text tower drawn from a fixed seed (without disturbing the caller's RNG): fixed, arbitrary vectors.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEXT_SEED)
-            text = class_embeddings(class_names, clip_model=clip_model, pretrained=None, templates=templates, cache_dir=None)
+            text = class_embeddings(class_names, clip_model=clip_model, pretrained=None, templates=templates,
+                                    cache_dir=None, quick_gelu=quick_gelu)
     else:
-        text = class_embeddings(class_names, clip_model=clip_model, pretrained=clip_pretrained, templates=templates)
+        text = class_embeddings(class_names, clip_model=clip_model, pretrained=clip_pretrained, templates=templates,
+                                quick_gelu=quick_gelu)
     if text.shape != (len(class_names), embed_dim):
         raise ValueError(f"text tower of {clip_model} gives {tuple(text.shape)} embeddings, the model needs D={embed_dim}")
     return text

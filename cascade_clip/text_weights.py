@@ -23,6 +23,7 @@ class TextWeights:
     clip_model: str
     pretrained: Optional[str] = None  # open_clip tag or local CLIP file
     official_checkpoint: Optional[str] = None  # path of an official checkpoint holding text_encoder.*
+    quick_gelu: bool = True  # the activation the weights were trained with (OpenAI's CLIP: QuickGELU)
 
     def describe(self) -> str:
         if self.official_checkpoint:
@@ -37,20 +38,24 @@ def pick_text_weights(
     checkpoint_path: Optional[str] = None,
     checkpoint_raw: Optional[Mapping[str, Any]] = None,
     checkpoint_config=None,
+    quick_gelu: Optional[bool] = None,
 ) -> TextWeights:
     """Pick the text weights by the precedence above.
 
     ``checkpoint_raw`` is :func:`cascade_clip.checkpoint.read_any_checkpoint`'s dict for ``checkpoint_path``;
-    ``checkpoint_config`` the :class:`ModelConfig` it holds (for ``clip_pretrained``).
+    ``checkpoint_config`` the :class:`ModelConfig` it holds (for ``clip_pretrained`` and, unless ``quick_gelu`` is
+    given, the activation of its CLIP; official checkpoints hold OpenAI's, QuickGELU).
     """
+    if quick_gelu is None:
+        quick_gelu = bool(getattr(checkpoint_config, "quick_gelu", True))
     if clip_weights:
-        return TextWeights(clip_model, pretrained=clip_weights)
+        return TextWeights(clip_model, pretrained=clip_weights, quick_gelu=quick_gelu)
     official = (checkpoint_raw or {}).get("official_state_dict")
     if official is not None and any(k.startswith(OFFICIAL_TEXT_PREFIX) for k in official):
-        return TextWeights(clip_model, official_checkpoint=checkpoint_path)
+        return TextWeights(clip_model, official_checkpoint=checkpoint_path, quick_gelu=quick_gelu)
     pretrained = getattr(checkpoint_config, "clip_pretrained", None)
     if pretrained:
-        return TextWeights(clip_model, pretrained=pretrained)
+        return TextWeights(clip_model, pretrained=pretrained, quick_gelu=quick_gelu)
     where = f"{checkpoint_path} has no text_encoder.* weights and no clip_pretrained; " if checkpoint_path else ""
     raise ValueError(
         f"{where}no CLIP text weights to embed the class names: pass CLIP weights (an open_clip tag such as "
@@ -75,6 +80,7 @@ def embeddings_for(
         templates=templates,
         cache_dir=cache_dir,
         device=device,
+        quick_gelu=weights.quick_gelu,
     )
 
 

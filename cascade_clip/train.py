@@ -192,7 +192,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         else:
             text = load_text(mcfg.class_names, embed_dim=model.embed_dim, clip_model=mcfg.clip_model,
                              clip_pretrained=mcfg.clip_pretrained, templates=cfg.data.templates,
-                             path=cfg.data.text_embeddings)
+                             path=cfg.data.text_embeddings, quick_gelu=mcfg.quick_gelu)
         text = text.to(device)
         train_text = training_text(text, mcfg.seen, cfg.train.transductive)
         num_classes = len(mcfg.class_names)

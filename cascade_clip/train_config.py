@@ -41,7 +41,7 @@ class DataConfig:
     val_split: str = "val"
     text_embeddings: Optional[str] = None  # (C, D) .npy of the dataset's classes; None = open_clip text tower
     templates: str = "single"  # prompt templates when embedding class names: single (VOC) or multi (Context, COCO)
-    scale: Tuple[int, int] = (2048, 512)  # mmseg img_scale of the random rescale (and of the test resize)
+    scale: Tuple[int, int] = (2048, 512)  # mmseg img_scale of the random rescale (train only; the test scale is eval.short_side)
     ratio_range: Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5

@@ -1,12 +1,19 @@
 """Checkpoints of this project and official ones load into a model; writes are atomic."""
 
 import os
+import warnings
 
 import pytest
 import torch
 
 from cascade_clip import CascadeCLIP, ModelConfig
-from cascade_clip.checkpoint import load_model, official_preset, save_atomic, save_model_checkpoint
+from cascade_clip.checkpoint import (
+    AmbiguousCheckpointWarning,
+    load_model,
+    official_preset,
+    save_atomic,
+    save_model_checkpoint,
+)
 
 TINY = dict(clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4, decoder_heads=4, decoder_ffn_dim=256)
 
@@ -20,7 +27,7 @@ def test_own_checkpoint_round_trip(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     assert not loaded.training
-    assert load_model(path, crop_size=128)[0].cfg.crop_size == 128
+    assert load_model(path, crop_size=128, stride=96)[0].cfg.crop_size == 128
 
 
 def test_official_checkpoint_with_explicit_config(tmp_path):
@@ -39,19 +46,75 @@ def test_official_preset_is_recognised_from_prompt_count():
         official_preset({"backbone.prompt_embeddings": torch.zeros(1, 7, 768)})
 
 
+BUFFER = "decode_head.loss_decode.criterion.empty_weight"
+TOKENS = {"voc": 10, "context": 35, "coco": 50}
+
+
 @pytest.mark.parametrize("dataset,seen,total", [("voc", 15, 20), ("context", 49, 59), ("coco", 156, 171)])
 def test_official_self_training_checkpoint_is_recognised(dataset, seen, total):
-    """Inductive and self-training checkpoints differ in the loss buffer (ones(trained classes + 1)); a self-training
-    model is evaluated without the seen calibration (MODEL_SPEC.md 3.5, 6.3)."""
-    tokens = {"voc": 10, "context": 35, "coco": 50}[dataset]
-    prompts = {"backbone.prompt_embeddings": torch.zeros(1, tokens, 768)}
-    buffer = "decode_head.loss_decode.criterion.empty_weight"
+    """The official loss buffer is ones(num_classes + 1): VOC's self-training config trains on all 20 classes (21
+    entries against 16), but the Context and COCO-Stuff self-training configs keep num_classes = len(base_class), like
+    their inductive ones. A self-training model is evaluated without the seen calibration (MODEL_SPEC.md 3.5, 6.3)."""
+    prompts = {"backbone.prompt_embeddings": torch.zeros(1, TOKENS[dataset], 768)}
     assert official_preset(prompts) == dataset  # no buffer: inductive
-    assert official_preset({**prompts, buffer: torch.ones(seen + 1)}) == dataset
-    assert official_preset({**prompts, buffer: torch.ones(total + 1)}) == f"{dataset}-st"
+    assert official_preset({**prompts, BUFFER: torch.ones(total + 1)}) == f"{dataset}-st"
     assert ModelConfig.preset(f"{dataset}-st").seen_calibration == 0.0
+    if dataset == "voc":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # seen + 1 is unambiguous for VOC
+            assert official_preset({**prompts, BUFFER: torch.ones(seen + 1)}) == dataset
+    else:  # seen + 1 is both official configs' size: inductive, with a warning that says how to evaluate -st
+        with pytest.warns(AmbiguousCheckpointWarning, match=f"{dataset}-st model, evaluate without calibration"):
+            assert official_preset({**prompts, BUFFER: torch.ones(seen + 1)}) == dataset
     with pytest.warns(UserWarning, match="taking it as inductive"):
-        assert official_preset({**prompts, buffer: torch.ones(seen + 3)}) == dataset
+        assert official_preset({**prompts, BUFFER: torch.ones(seen + 3)}) == dataset
+
+
+@pytest.mark.parametrize("dataset", ["voc", "context", "coco"])
+def test_official_meta_decides_inductive_or_self_training(dataset):
+    """mmseg stores the config text (meta['config']) and the config file's name (meta['exp_name']) in its checkpoints;
+    either settles what the loss buffer cannot, and the config text wins over the name."""
+    seen = len(ModelConfig.preset(dataset).seen)
+    state = {"backbone.prompt_embeddings": torch.zeros(1, TOKENS[dataset], 768), BUFFER: torch.ones(seen + 1)}
+    st_config = "model = dict(\n    type='CascadeCLIP',\n    base_class=[0, 1],\n    self_training=True,\n    ft_backbone=False)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert official_preset(state, {"config": st_config}) == f"{dataset}-st"
+        assert official_preset(state, {"config": st_config.replace("True", "False")}) == dataset
+        assert official_preset(state, {"exp_name": "vpt_seg_zero_vit-b_512x512_40k_12_100_multi_st.py"}) == f"{dataset}-st"
+        assert official_preset(state, {"exp_name": "vpt_seg_zero_vit-b_512x512_80k_12_100_multi.py"}) == dataset
+        assert official_preset(state, {"config": st_config, "exp_name": "x.py"}) == f"{dataset}-st"
+
+
+def test_official_coco_st_checkpoint_with_meta_loads_without_calibration(tmp_path):
+    tiny = {**TINY, "num_prompt_tokens": 50}
+    state = CascadeCLIP(ModelConfig.preset("coco", **tiny)).official_state_dict()
+    assert state[BUFFER].numel() == 157  # the official inductive (and -st) size
+    path = str(tmp_path / "coco_st.pth")
+    torch.save({"meta": {"config": "model = dict(self_training=True)", "iter": 40000}, "state_dict": state}, path)
+    assert load_model(path, **tiny)[0].cfg.seen_calibration == 0.0
+    torch.save({"meta": {"iter": 40000}, "state_dict": state}, path)
+    with pytest.warns(AmbiguousCheckpointWarning):
+        assert load_model(path, **tiny)[0].cfg.seen_calibration == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller chose the calibration: nothing to warn about
+        assert load_model(path, seen_calibration=0.0, **tiny)[0].cfg.seen_calibration == 0.0
+
+
+@pytest.mark.parametrize("preset", ["voc", "voc-st", "context", "context-st", "coco", "coco-st"])
+def test_exported_official_checkpoint_keeps_inductive_or_self_training(tmp_path, preset):
+    """official_state_dict() writes the loss buffer (seen + 1 inductive, all + 1 self-training), so an exported model
+    is recognised as what it was, with or without the seen calibration."""
+    dataset = preset.split("-")[0]
+    tiny = {**TINY, "num_prompt_tokens": TOKENS[dataset]}
+    model = CascadeCLIP(ModelConfig.preset(preset, **tiny))
+    path = str(tmp_path / "exported.pth")
+    torch.save({"meta": {}, "state_dict": model.official_state_dict()}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AmbiguousCheckpointWarning)  # inductive Context/COCO exports are ambiguous
+        loaded, _ = load_model(path, **tiny)
+    assert loaded.cfg.seen_calibration == model.cfg.seen_calibration
+    assert loaded.cfg.dataset == dataset
 
 
 def test_official_voc_st_checkpoint_loads_without_calibration(tmp_path):

@@ -105,3 +105,24 @@ def test_no_text_weights_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--classes", "cat")
     assert "no CLIP text weights" in capsys.readouterr().err
+
+
+def test_official_checkpoint_gets_its_dataset_templates(clip_file, tmp_path):
+    """An official COCO checkpoint (50 prompt tokens) embeds with COCO's official templates (multi), as predict does."""
+    _, model = clip_file
+    official = {"text_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    official["backbone.prompt_embeddings"] = torch.zeros(1, 50, 192)
+    ckpt = tmp_path / "coco.pth"
+    torch.save({"meta": {}, "state_dict": official}, ckpt)
+    got = run(tmp_path, "--classes", "cat,sky", "--checkpoint", str(ckpt))
+    expected = text_mod.encode_class_names(model, ["cat", "sky"], "multi", clip_model="cascade-tiny")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_no_quick_gelu_flag(clip_file, tmp_path):
+    path, _ = clip_file
+    got = run(tmp_path, "--classes", "cat,sky", "--clip-weights", path, "--no-quick-gelu")
+    tower = text_mod.build_text_model("cascade-tiny", path, quick_gelu=False)
+    expected = text_mod.encode_class_names(tower, ["cat", "sky"], "single", clip_model="cascade-tiny")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, run(tmp_path, "--classes", "cat,sky", "--clip-weights", path))

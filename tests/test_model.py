@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from cascade_clip import CascadeCLIP, ModelConfig
-from cascade_clip.inference import window_starts
-from cascade_clip.official import SKIPPED_KEY_PATTERNS, skip_reason
+from cascade_clip.inference import slide_inference, window_starts
+from cascade_clip.official import LOSS_BUFFER_KEY, SKIPPED_KEY_PATTERNS, skip_reason
 
 from conftest import REFERENCE_DIR
 
@@ -115,7 +115,7 @@ def test_official_round_trip_and_key_coverage():
     state = source.official_state_dict()
     target = CascadeCLIP(tiny_config())
     report = target.load_official_state_dict(state)
-    assert report.skipped == {}
+    assert set(report.skipped) == {LOSS_BUFFER_KEY}  # exported only to record the trained class count
     exported = target.official_state_dict()
     assert exported.keys() == state.keys()
     for key in state:
@@ -128,7 +128,8 @@ def test_model_holds_every_used_official_key_at_full_size(dataset):
     keys = official_keys(dataset)
     model = CascadeCLIP(ModelConfig.preset(dataset))
     ours = {k: tuple(v.shape) for k, v in model.official_state_dict().items()}
-    expected = {k: v for k, v in keys.items() if skip_reason(k) is None}
+    # the loss buffer is exported too, at the official size (seen classes + 1 for these inductive presets)
+    expected = {k: v for k, v in keys.items() if skip_reason(k) is None or k == LOSS_BUFFER_KEY}
     assert ours == expected
     skipped = {k for k in keys if skip_reason(k) is not None}
     assert any(k.startswith("text_encoder.") for k in skipped)
@@ -272,6 +273,29 @@ def test_segment_handles_sizes_off_the_patch_grid():
     assert scores.shape == (2, 3, 37, 50) and torch.isfinite(scores).all()
     with pytest.raises(ValueError, match="out of range"):
         model.segment(torch.randn(1, 3, 64, 64), random_text(3), seen=[3])
+
+
+def test_segment_runs_in_eval_mode_and_restores_the_mode():
+    """A freshly built model is in training mode (dropout on): segment still gives the eval-mode scores, every time,
+    and leaves the model in the mode it found it in."""
+    model = CascadeCLIP(tiny_config(crop_size=64, stride=48))
+    assert model.training
+    images, text = torch.randn(1, 3, 64, 80), random_text(20)
+    first, second = model.segment(images, text), model.segment(images, text)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, model.eval().segment(images, text), rtol=0, atol=0)
+    assert not model.training
+
+
+@pytest.mark.parametrize("crop,stride", [(64, 80), (64, 0), (0, 0)])
+def test_sliding_windows_refuse_a_stride_that_leaves_gaps(crop, stride):
+    with pytest.raises(ValueError, match=f"0 < stride <= crop.*crop(_size)? {crop}, stride {stride}"):
+        ModelConfig.preset("voc", crop_size=crop, stride=stride)
+    model = CascadeCLIP(tiny_config()).eval()
+    with pytest.raises(ValueError, match=f"got crop {crop}, stride {stride}"):
+        slide_inference(lambda w: model(w, random_text(3))["mask_logits"], torch.randn(1, 3, 64, 300), num_classes=3,
+                        crop=crop, stride=stride, patch=16, seen=(), calibration=0.0)
 
 
 def test_transductive_preset_has_no_calibration():

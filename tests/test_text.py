@@ -89,3 +89,17 @@ def test_npy_round_trip_and_errors(tmp_path):
         text_mod.load_embeddings(str(tmp_path / "flat.npy"))
     with pytest.raises(ValueError, match="not found"):
         text_mod.load_embeddings(str(tmp_path / "nope.npy"))
+
+
+def test_activation_reaches_the_text_tower_and_the_cache_key(clip_file, tmp_path):
+    """Weights trained with GELU (quick_gelu=False) must be embedded with GELU: another tower, other embeddings, and
+    another cache entry (an embedding made with the wrong activation must never answer)."""
+    path, _ = clip_file
+    quick = text_mod.class_embeddings(["a", "b"], clip_model="cascade-tiny", pretrained=path, cache_dir=str(tmp_path))
+    gelu = text_mod.class_embeddings(["a", "b"], clip_model="cascade-tiny", pretrained=path, cache_dir=str(tmp_path),
+                                     quick_gelu=False)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    assert not torch.allclose(quick, gelu)
+    tower = text_mod.build_text_model("cascade-tiny", path, quick_gelu=False)
+    assert type(tower.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU
+    torch.testing.assert_close(gelu, text_mod.encode_class_names(tower, ["a", "b"], clip_model="cascade-tiny"))

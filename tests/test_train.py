@@ -329,3 +329,23 @@ def test_tensorboard_event_files(data_root, tmp_path):
     scalars = events.Tags()["scalars"]
     assert "train/loss" in scalars and "eval/mIoU" in scalars
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_eval_text_for_an_official_checkpoint(tmp_path):
+    """An official checkpoint's class embeddings come from CLIP weights when given (`--set model.clip_pretrained`),
+    else from its own text_encoder.*; with neither, a named error instead of a random text tower (predict's rule)."""
+    from cascade_clip import CascadeCLIP, ModelConfig
+    from cascade_clip.clip_arch import create_clip
+    from cascade_clip.text import class_embeddings
+
+    torch.manual_seed(0)
+    clip_path = str(tmp_path / "clip.pt")
+    torch.save(create_clip("cascade-tiny").state_dict(), clip_path)
+    model = CascadeCLIP(ModelConfig.preset("voc", clip_model="cascade-tiny", img_size=64, num_prompt_tokens=10))
+    raw = {"official_state_dict": model.official_state_dict(), "path": str(tmp_path / "official.pth")}
+    names = ["cat", "dog"]
+    got = evaluate.resolve_text(model, raw, names, path=None, templates=None, dataset="voc", clip_pretrained=clip_path)
+    torch.testing.assert_close(got, class_embeddings(names, clip_model="cascade-tiny", pretrained=clip_path,
+                                                     templates="single", cache_dir=None))
+    with pytest.raises(ValueError, match="no text_encoder.* weights and no clip_pretrained"):
+        evaluate.resolve_text(model, raw, names, path=None, templates=None, dataset="voc")
