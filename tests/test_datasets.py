@@ -174,6 +174,17 @@ def test_rgb_mask_rejected(tmp_path):
     assert reduce_zero_label(np.array([0, 1, 255, 20], np.uint8)).tolist() == [255, 0, 255, 19]
 
 
+def test_one_bit_mask_reads_as_zero_one(tmp_path):
+    """A 1-bit PNG (PIL mode '1') holds classes 0 and 1, as mmseg's Pillow decoding reads it."""
+    path = tmp_path / "m.png"
+    bits = np.array([[0, 1, 1], [1, 0, 0]], dtype=bool)
+    Image.fromarray(bits).save(path)
+    with Image.open(path) as check:
+        assert check.mode == "1"
+    mask = read_mask(str(path))
+    assert mask.dtype == np.uint8 and mask.tolist() == bits.astype(np.uint8).tolist()
+
+
 @pytest.mark.parametrize("transductive", [False, True])
 def test_training_labels_equal_the_per_call_label_maps(transductive):
     """zero_shot.TrainingLabels (the training loop's label map, tables built once) = inductive_labels /
