@@ -28,14 +28,55 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels must be in [0, {num_classes}) or {IGNORE_INDEX}; found {bad}")
 
 
-def _num_masks(present: torch.Tensor) -> torch.Tensor:
+def _num_masks(present_pairs: torch.Tensor) -> torch.Tensor:
     """Number of (image, present class) pairs, averaged over DDP ranks and clamped to >= 1 (official)."""
-    count = present.sum().to(torch.float32)
+    count = present_pairs.to(torch.float32)
     if dist.is_available() and dist.is_initialized():
         count = count.clone()
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return count.clamp(min=1.0)
+
+
+def loss_terms(
+    mask_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_pixels: bool = False,
+    backend: Optional[str] = None,
+    validate_labels: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """The official loss before its normalisation by the number of masks.
+
+    mask_logits (B, C, H', W') pre-sigmoid, labels (B, H, W) in [0, C) or 255 -> ``focal``: the pixel-mean focal term
+    summed over images and classes, ``dice``: the dice loss summed over the present (image, class) pairs, ``masks``:
+    the number of those pairs on this process (float32). The official loss is ``(w_f * focal + w_d * dice) / n`` with
+    ``n`` the mask count averaged over DDP ranks, clamped to >= 1 (:func:`segmentation_loss`); a gradient-accumulating
+    loop normalises the terms of all its micro-batches by their joint count instead (:mod:`cascade_clip.accumulation`).
+    """
+    num_classes = mask_logits.shape[1]
+    if validate_labels:
+        check_labels(labels, num_classes)
+    if mask_logits.shape[-2:] != labels.shape[-2:]:
+        mask_logits = F.interpolate(mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    # per (image, class): sums over pixels of the focal term, p, p * t and t (one fused pass on the triton backend;
+    # the reference backend is the official element-wise formulation)
+    sums = ops.loss_sums(mask_logits, labels, ignore_pixels=ignore_pixels, backend=backend)
+    focal_sum, p_sum, pt_sum, t_sum = sums.unbind(dim=-1)
+    present = t_sum > 0  # (B, C): the classes present in each image
+    pixels = labels.shape[-2] * labels.shape[-1]
+    dice = 1 - (2 * pt_sum + 1) / (p_sum + t_sum + 1)  # (B, C)
+    return {"focal": focal_sum.sum() / pixels, "dice": (dice * present).sum(), "masks": present.sum().to(torch.float32)}
+
+
+def normalized_loss(
+    terms: Dict[str, torch.Tensor], num_masks: torch.Tensor, *, focal_weight: float = 100.0, dice_weight: float = 1.0
+) -> Dict[str, torch.Tensor]:
+    """``loss_mask`` (focal, weighted), ``loss_dice`` (weighted) and their sum ``loss``: :func:`loss_terms`' sums over
+    ``num_masks``."""
+    loss_mask = focal_weight * (terms["focal"] / num_masks)
+    loss_dice = dice_weight * (terms["dice"] / num_masks)
+    return {"loss_mask": loss_mask, "loss_dice": loss_dice, "loss": loss_mask + loss_dice}
 
 
 def segmentation_loss(
@@ -55,23 +96,6 @@ def segmentation_loss(
     ``validate_labels``: check the label values first (a clear error instead of a silently wrong loss); the check
     waits for the GPU, so a caller whose labels are known to be valid (or a CUDA-graph capture) may turn it off.
     """
-    num_classes = mask_logits.shape[1]
-    if validate_labels:
-        check_labels(labels, num_classes)
-    if mask_logits.shape[-2:] != labels.shape[-2:]:
-        mask_logits = F.interpolate(mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    # per (image, class): sums over pixels of the focal term, p, p * t and t (one fused pass on the triton backend;
-    # the reference backend is the official element-wise formulation)
-    sums = ops.loss_sums(mask_logits, labels, ignore_pixels=ignore_pixels, backend=backend)
-    focal_sum, p_sum, pt_sum, t_sum = sums.unbind(dim=-1)
-    present = t_sum > 0  # (B, C): the classes present in each image
-    num_masks = _num_masks(present)
-
-    pixels = labels.shape[-2] * labels.shape[-1]
-    loss_mask = focal_sum.sum() / pixels / num_masks
-    dice = 1 - (2 * pt_sum + 1) / (p_sum + t_sum + 1)  # (B, C)
-    loss_dice = (dice * present).sum() / num_masks
-
-    loss_mask = focal_weight * loss_mask
-    loss_dice = dice_weight * loss_dice
-    return {"loss_mask": loss_mask, "loss_dice": loss_dice, "loss": loss_mask + loss_dice}
+    terms = loss_terms(mask_logits, labels, ignore_pixels=ignore_pixels, backend=backend,
+                       validate_labels=validate_labels)
+    return normalized_loss(terms, _num_masks(terms["masks"]), focal_weight=focal_weight, dice_weight=dice_weight)

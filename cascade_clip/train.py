@@ -147,7 +147,8 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
     from . import ops
     from .datasets import build_dataset
     from .evaluate import evaluate_model
-    from .loss import segmentation_loss
+    from .accumulation import AccumulatedNormalizer
+    from .loss import loss_terms, normalized_loss
     from .model import CascadeCLIP
     from .sampler import BatchStream
     from .schedule import build_optimizer, build_scheduler, load_optimizer_state
@@ -265,8 +266,12 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         model.train()
         window_start, window_iters = time.perf_counter(), 0
         run_start = time.perf_counter()
+        normalizer = AccumulatedNormalizer(info.world_size)
+        weights = torch.tensor([mcfg.focal_weight, mcfg.dice_weight], device=device)
         for it in range(start, cfg.train.iters):
-            totals = torch.zeros(3, device=device)
+            # the weighted focal and dice sums of this step's micro-batches, normalised at the end (for the log)
+            sums = torch.zeros(2, device=device)
+            normalizer.reset()
             for micro in range(accum):
                 images, labels = next(stream)
                 images = images.to(device, non_blocking=True)
@@ -280,11 +285,16 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                     if cfg.train.transductive:
                         labels = to_training_labels(labels, out["mask_logits"])
                     # labels were checked when read and mapped by construction: no per-step check (a GPU sync)
-                    losses = segmentation_loss(out["mask_logits"], labels, focal_weight=mcfg.focal_weight,
-                                               dice_weight=mcfg.dice_weight,
-                                               ignore_pixels=mcfg.loss_ignores_ignore_pixels, validate_labels=False)
-                    scaler.scale(losses["loss"] / accum).backward()
-                totals += torch.stack([losses["loss"].detach(), losses["loss_mask"].detach(), losses["loss_dice"].detach()]) / accum
+                    terms = loss_terms(out["mask_logits"], labels, ignore_pixels=mcfg.loss_ignores_ignore_pixels,
+                                       validate_labels=False)
+                    # the official normalisation of one batch of all micro-batches (see cascade_clip.accumulation)
+                    divisor = normalizer.add(terms["masks"], (p.grad for p in params))
+                    losses = normalized_loss(terms, divisor, focal_weight=mcfg.focal_weight,
+                                             dice_weight=mcfg.dice_weight)
+                    scaler.scale(losses["loss"]).backward()
+                sums += torch.stack([terms["focal"].detach(), terms["dice"].detach()]) * weights
+            step_losses = sums / normalizer.divisor
+            totals = torch.cat([step_losses.sum().view(1), step_losses])  # loss, loss_mask, loss_dice
             if cfg.optim.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)

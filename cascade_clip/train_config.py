@@ -7,7 +7,8 @@ self-training, started with ``--load-from`` an inductive checkpoint) hold the of
 
 Batch: ``train.batch_size`` is images per GPU (process) per micro-step, as mmseg's ``samples_per_gpu``; the effective
 batch is batch_size x grad_accum x world size. The paper used 4 GPUs x 4 images (VOC-st: 4 x 8); on fewer GPUs,
-raise ``train.grad_accum`` to keep the effective batch (e.g. one GPU: ``--set train.grad_accum=4``).
+raise ``train.grad_accum`` to keep the effective batch (e.g. one GPU: ``--set train.grad_accum=4``): the micro-batches
+are normalised together (:mod:`cascade_clip.accumulation`), so the step's gradient is that of the paper's 4 GPUs.
 """
 
 from __future__ import annotations

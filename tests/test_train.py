@@ -189,6 +189,22 @@ def test_kill_9_then_resume_equals_uninterrupted(data_root, tmp_path):
     assert [r["iter"] for r in losses if "loss" in r] == list(range(1, 9))
 
 
+def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
+    """batch 2 x grad_accum 2 trains to the weights of batch 4 (the same four images per step, dropout off), with the
+    same logged losses: the micro-batches are normalised as one batch."""
+    runs = {}
+    for name, extra in (("accum", ["train.batch_size=2", "train.grad_accum=2"]), ("batch", ["train.batch_size=4"])):
+        work = str(tmp_path / name)
+        args = tiny_overrides(data_root, work, iters=3) + extra + ["optim.warmup_iters=1"]
+        runs[name] = (train.main(["--config", "voc", *sum((["--set", o] for o in args), [])]), _weights(
+            os.path.join(work, "latest.pt")))
+    (accum, a), (batch, b) = runs["accum"], runs["batch"]
+    for key in a:
+        noise_only = key.endswith("multihead_attn.k.bias") and ".layers.2." not in key  # as in test_ddp
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3 if noise_only else 2e-5, msg=key)
+    torch.testing.assert_close([l for _, l in accum["losses"]], [l for _, l in batch["losses"]], rtol=1e-5, atol=0)
+
+
 def test_text_embedding_file_shape_mismatch(data_root, tmp_path):
     bad = tmp_path / "text.npy"
     np.save(bad, np.zeros((5, 64), np.float32))  # 6 classes in the synthetic set
