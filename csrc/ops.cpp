@@ -760,9 +760,11 @@ CC_MULTIVERSION void normalize_backward_range(const A* gh, const T* x, O* out, i
   }
 }
 
-// rk[r] = 1/max(|x[r,:]|, eps) for the R rows of a contiguous (R, d) tensor, in the compute dtype.
+// rk[r] = 1/max(|x[r,:]|, eps) for the R rows of a contiguous (..., d) tensor, in the compute dtype. R counts every
+// dimension but the last, so that d = 0 still gives one value (1/eps, an empty row's norm clamped) per row.
 at::Tensor row_inv_norms(const at::Tensor& x, int64_t d, at::ScalarType ct) {
-  const int64_t R = d == 0 ? 0 : x.numel() / d;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d, "row_inv_norms: rows of width ", d, " expected, got ", x.sizes());
+  const int64_t R = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   at::Tensor rk = at::empty({R}, x.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cascade_clip::row_inv_norms", [&] {
     using in_t = scalar_t;

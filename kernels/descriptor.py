@@ -67,7 +67,8 @@ def _bwd_x_configs():
         _config(2, BLOCK_E=64, BLOCK_K=64),
         _config(4, BLOCK_E=128, BLOCK_K=64),
         _config(4, BLOCK_E=64, BLOCK_K=128),
-        _config(8, BLOCK_E=128, BLOCK_K=128),
+        # two stages: three of these tiles in float32 need 192 KiB of shared memory on sm80 (A100 has 163)
+        _config(8, stages=2, BLOCK_E=128, BLOCK_K=128),
     ]
 
 
@@ -369,8 +370,9 @@ def descriptor_backward(grad, text, g, weight, bias):
     B = g.shape[0]
     S, E = bias.shape
     dev = g.device
-    if grad.numel() == 0 or D == 0:
-        return (torch.zeros_like(text), torch.zeros_like(g), torch.zeros_like(weight), torch.zeros_like(bias))
+    if grad.numel() == 0 or D == 0:  # with d = 0 the output is the bias alone, which still gets its gradient
+        d_bias = grad.sum(dim=(1, 2), dtype=torch.float32).to(bias.dtype)
+        return (torch.zeros_like(text), torch.zeros_like(g), torch.zeros_like(weight), d_bias)
     cd = _compute_dtype(text, g, weight)
     grad = contiguous(grad.to(cd))
     text_c, g_c, weight_c = (contiguous(t.to(cd)) for t in (text, g, weight))

@@ -232,10 +232,12 @@ def _mask_logits_bwd_q_kernel(
         mask_n = offs_n < N
         gt = tl.load(grad_ptr + (b * C + offs_c[:, None]) * N + offs_n[None, :],
                      mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        if NORMALIZE:
-            rk = 1.0 / tl.maximum(tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0), EPS)
-            gt = (gt.to(tl.float32) * rk[None, :]).to(dtype)
         kt = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if NORMALIZE:
+            # normalise k (|k_hat| <= 1), not the gradient: G / |k| overflows fp16 for short or zero k rows, and an
+            # inf meeting a zero of k in the dot turns the whole tile into NaN
+            rk = 1.0 / tl.maximum(tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0), EPS)
+            kt = (kt.to(tl.float32) * rk[:, None]).to(dtype)
         acc = tl.dot(gt, kt, acc, input_precision=PRECISION)
 
     sc = tl.load(scale_ptr + s).to(tl.float32)
@@ -299,10 +301,10 @@ def _mask_logits_bwd_k_kernel(
         mask_c = offs_c < C
         gT = tl.load(grad_ptr + (b * C + offs_c[None, :]) * N + offs_n[:, None],
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_N, BLOCK_C)
-        if NORMALIZE:
-            rq = 1.0 / tl.maximum(tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0), EPS)
-            gT = (gT.to(tl.float32) * rq[None, :]).to(dtype)
         qt = tl.load(q_base + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        if NORMALIZE:  # normalise q, not the gradient (see the q kernel)
+            rq = 1.0 / tl.maximum(tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0), EPS)
+            qt = (qt.to(tl.float32) * rq[:, None]).to(dtype)
         acc = tl.dot(gT, qt, acc, input_precision=PRECISION)
 
     sc = tl.load(scale_ptr + s).to(tl.float32)

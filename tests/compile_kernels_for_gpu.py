@@ -7,7 +7,8 @@ constexpr values, launch options and a compute capability. Every job is compiled
 cubin for that target (Triton ships its own ``ptxas``), which runs the whole front end and the NVIDIA back end: it
 catches what the CPU interpreter accepts but the compiler does not (plain Python globals in ``@jit`` code, dot shapes,
 dtype rules). Must run without ``TRITON_INTERPRET``: the interpreter patches ``triton.language`` for its own use.
-RESULTS.json gets one ``{"job": i, "ok": bool, "error": str}`` per job, or ``{"unavailable": reason}``.
+RESULTS.json gets one ``{"job": i, "ok": bool, "error": str, "shared": bytes}`` per job (``shared``: the kernel's
+shared memory, which only a GPU checks against its limit when it loads the kernel), or ``{"unavailable": reason}``.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ def main(argv) -> int:
         try:
             fn = _jit_function(job["module"], job["name"])
             source = ASTSource(fn, job["signature"], constexprs=job["constexprs"])
-            triton.compile(source, target=GPUTarget("cuda", job["capability"], 32), options=job["options"])
-            results.append({"job": i, "ok": True, "error": ""})
+            compiled = triton.compile(source, target=GPUTarget("cuda", job["capability"], 32), options=job["options"])
+            results.append({"job": i, "ok": True, "error": "", "shared": int(compiled.metadata.shared)})
         except Exception as exc:  # reported per job by the test
             message = f"{type(exc).__name__}: {exc}"
             if i == 0 and "ptxas" in message.lower() and "not found" in message.lower():
                 results = {"unavailable": message}
                 break
-            results.append({"job": i, "ok": False, "error": message[-3000:]})
+            results.append({"job": i, "ok": False, "error": message[-3000:], "shared": 0})
     tmp = results_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f)

@@ -270,6 +270,19 @@ def test_mask_logits_zero_norm_rows():
     check(ops.mask_logits, [q, k, scale], [torch.float32] * 3, ["q", "k", "scale"], torch.float32, normalize=True)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mask_logits_of_zero_width(normalize):
+    """d = 0: zero logits (an empty row normalises to zeros), like the reference; gradients of the right shapes."""
+    q, k = torch.zeros(2, 1, 3, 0, requires_grad=True), torch.zeros(2, 1, 4, 0, requires_grad=True)
+    scale = torch.tensor([0.5, 2.0], requires_grad=True)
+    for backend in ("cpp", "reference"):
+        out = ops.mask_logits(q, k, scale, normalize=normalize, backend=backend)
+        assert out.shape == (1, 3, 4) and torch.equal(out, torch.zeros(1, 3, 4))
+        out.backward(torch.ones_like(out))
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape and torch.equal(scale.grad, torch.zeros(2))
+        q.grad = k.grad = scale.grad = None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # PyTorch operator contract: opcheck, gradcheck, torch.compile
 # ------------------------------------------------------------------------------------------------------------------

@@ -160,6 +160,12 @@ def test_descriptor_parity(shape, dtype):
     _check_parity(ops.descriptor, _descriptor_inputs(*shape, dtype), dtype, ["text", "g", "weight", "bias"])
 
 
+def test_descriptor_of_zero_width_is_the_bias():
+    """d = 0: the output is the bias alone, broadcast, and the bias still gets its gradient (summed over b, c)."""
+    inputs = [_randn(3, 0), _randn(2, 0), _randn(2, 5, 0), _randn(2, 5)]  # text, g, weight, bias
+    _check_parity(ops.descriptor, inputs, torch.float32, ["text", "g", "weight", "bias"])
+
+
 def test_descriptor_noncontiguous_and_stride0_grad():
     C, d, B, S, e = 6, 20, 3, 2, 13
     text = _randn(d, C).t()
@@ -271,6 +277,28 @@ def test_mask_logits_zero_rows_normalize():
     k[1, 0, 5] = 0.0
     scale = torch.rand(S, device=DEVICE)
     _check_parity(_mask_fn(True), [q, k, scale], torch.float32, ["q", "k", "scale"])
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_mask_logits_zero_rows_normalize_low_precision(dtype):
+    """In fp16/bf16 a zero row's own gradient is inf (grad / eps) in every backend, but it must not spill over: the
+    other rows' gradients and the scale gradient stay finite and match the reference (the kernels once folded
+    1/|k| into the fp16 gradient tile, where it overflowed and turned every row of the slice into NaN)."""
+    S, B, C, N, d = 1, 1, 4, 17, 16
+    q, k = _randn(S, B, C, d, dtype=dtype), _randn(S, B, N, d, dtype=dtype)
+    q[0, 0, 1] = 0.0
+    k[0, 0, 5] = 0.0
+    scale = torch.rand(S, device=DEVICE) + 0.1
+    ref_in, tri_in = _leaves([q, k, scale]), _leaves([q, k, scale])
+    cot = torch.randn(B, C, N, device=DEVICE).to(dtype)
+    for inputs, backend in ((ref_in, "reference"), (tri_in, "triton")):
+        ops.mask_logits(*inputs, normalize=True, backend=backend).backward(cot)
+    keep_q = [c for c in range(C) if c != 1]
+    keep_k = [n for n in range(N) if n != 5]
+    _assert_close("dq (nonzero rows)", tri_in[0].grad[:, :, keep_q], ref_in[0].grad[:, :, keep_q], dtype)
+    _assert_close("dk (nonzero rows)", tri_in[1].grad[:, :, keep_k], ref_in[1].grad[:, :, keep_k], dtype)
+    _assert_close("dscale", tri_in[2].grad, ref_in[2].grad, dtype)
+    assert torch.isfinite(tri_in[0].grad[:, :, keep_q]).all() and torch.isfinite(tri_in[1].grad[:, :, keep_k]).all()
 
 
 # ---------------------------------------------------------------- torch.library and torch.compile
