@@ -19,6 +19,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -58,7 +59,9 @@ class Logger:
         if not enabled:
             return
         os.makedirs(cfg.train.work_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.train.work_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(cfg.train.work_dir, "metrics.jsonl")
+        _keep_records_until(path, start)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if cfg.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -126,6 +129,36 @@ class Logger:
             self.tb.close()
 
 
+def _keep_records_until(path: str, iteration: int) -> None:
+    """Drop the records of ``path`` (JSONL) logged after ``iteration``, atomically: a resumed run logs those
+    iterations again, and a fresh run (``iteration`` 0) starts an empty file instead of appending to an old run's."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    if iteration > 0:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    logged = json.loads(line).get("iter", 0)
+                except (ValueError, AttributeError):
+                    continue  # a line a killed run left half-written
+                if isinstance(logged, int) and logged <= iteration:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _write_config(work_dir: str, cfg: Config) -> None:
+    """``WORK_DIR/config.json``, atomically (a crash never leaves half a file over a previous run's config)."""
+    path = os.path.join(work_dir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(cfg.to_json())
+    os.replace(tmp, path)
+
+
 def load_weights(model, path: str) -> str:
     """``--load-from``: weights of ours or an official checkpoint into ``model``; returns a one-line report."""
     from .checkpoint import read_any_checkpoint
@@ -171,19 +204,23 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         resume_path = resolve_resume(resume, work_dir)
         state = read_resume_checkpoint(resume_path, cfg.to_dict()) if resume_path else None
 
-        logger = Logger(cfg, info.is_main, cfg.train.iters, state["iteration"] if state else 0)
-        say = log or logger.print
+        if state is not None:
+            # the batch of an iteration and each rank's place in the sample order depend on the process count
+            written_by = state.get("world_size", len(state.get("rng") or []))
+            if written_by and written_by != info.world_size:
+                raise ValueError(
+                    f"{resume_path}: written by {written_by} process(es), this run has {info.world_size}: the images "
+                    f"per iteration and the sample order would change; resume with {written_by} process(es), or start "
+                    "a new run from its weights with --load-from"
+                )
         device = info.device
         mcfg = cfg.model
-        if info.is_main:
-            with open(os.path.join(work_dir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(cfg.to_json())
 
-        # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank seeds for dropout.
+        # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank seeds for dropout. On resume
+        # the checkpoint holds every weight: the CLIP file is not read again (it may have moved since).
         torch.manual_seed(cfg.train.seed)
-        model = CascadeCLIP(mcfg)
-        if load_from and not state:
-            say(load_weights(model, load_from))
+        model = CascadeCLIP(dataclasses.replace(mcfg, clip_pretrained=None) if state is not None else mcfg)
+        loaded_report = load_weights(model, load_from) if load_from and not state else None
         model.to(device)
         torch.manual_seed(cfg.train.seed + info.rank)
 
@@ -204,6 +241,13 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                                    photometric=cfg.data.photometric)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.train_split, num_classes=num_classes,
                                 transform=transform)
+        # logs and the config only once the inputs are known to be good: bad input leaves an existing run untouched
+        logger = Logger(cfg, info.is_main, cfg.train.iters, state["iteration"] if state else 0)
+        say = log or logger.print
+        if info.is_main:
+            _write_config(work_dir, cfg)
+            if load_from and not state:
+                say(loaded_report)
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.optim)
@@ -218,12 +262,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start = int(state["iteration"])
-            rngs = state.get("rng") or []
-            if len(rngs) == info.world_size:
-                set_rng_state(rngs[info.rank])
-            else:
-                say(f"resume: checkpoint has RNG states of {len(rngs)} ranks, this run has {info.world_size}: "
-                    "dropout draws will differ from the original run")
+            set_rng_state(state["rng"][info.rank])  # one state per rank; the process count was checked above
             say(f"resumed from {resume_path} at iteration {start}")
 
         net = model
@@ -334,7 +373,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rngs,
                         train_config=cfg.to_dict(), text_embeddings=text.detach().cpu(),
-                        class_names=list(mcfg.class_names),
+                        class_names=list(mcfg.class_names), world_size=info.world_size,
                     )
                 distributed.barrier()
         result["iteration"] = cfg.train.iters

@@ -120,6 +120,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "Config":
+        sections = [f.name for f in dataclasses.fields(cls)]
+        unknown_sections = sorted(set(values) - set(sections))
+        if unknown_sections:
+            raise ValueError(f"unknown config sections {unknown_sections}; known: {sections}")
         cfg = cls()
         for section in dataclasses.fields(cls):
             if section.name not in values:
@@ -205,6 +209,12 @@ def _parse(text: Any, tp: Any, key: str) -> Any:
             return False
         raise ValueError(f"{key}: expected a boolean (true/false), got {text!r}")
     if tp in (int, float, str):
+        if tp is int and isinstance(text, float):  # a JSON 7.9 would silently become 7
+            if not text.is_integer():
+                raise ValueError(f"{key}: expected an integer, got {text!r}")
+            return int(text)
+        if tp is int and isinstance(text, bool):
+            raise ValueError(f"{key}: expected an integer, got {text!r}")
         try:
             if tp is int and isinstance(text, str):
                 return int(text.strip(), 0)
@@ -283,6 +293,17 @@ def validate(cfg: Config) -> None:
     adamw_flags(o)  # raises for an unknown optim.implementation
     if o.lr <= 0 or o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1:
         raise ValueError(f"optim: lr {o.lr}, warmup_iters {o.warmup_iters}, warmup_ratio {o.warmup_ratio} invalid")
+    if not 0 <= o.min_lr <= o.lr:  # a larger min_lr would make the poly schedule rise
+        raise ValueError(f"optim.min_lr must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
+    if o.power < 0:  # a negative power divides by zero on the last step
+        raise ValueError(f"optim.power must be >= 0, got {o.power}")
+    if o.grad_clip is not None and o.grad_clip <= 0:  # clip_grad_norm_ with a negative norm flips the gradient
+        raise ValueError(f"optim.grad_clip must be > 0 (or none), got {o.grad_clip}")
+    if t.log_interval <= 0 or t.keep_checkpoints < 0:
+        raise ValueError(f"train.log_interval must be > 0 and train.keep_checkpoints >= 0, got {t.log_interval}, "
+                         f"{t.keep_checkpoints}")
+    if cfg.eval.short_side <= 0:
+        raise ValueError(f"eval.short_side must be > 0, got {cfg.eval.short_side}")
     if cfg.data.templates not in ("single", "multi"):
         raise ValueError(f"data.templates must be single or multi, got {cfg.data.templates!r}")
     if cfg.model.img_size % 16 and cfg.model.clip_model in ("ViT-B-16", "cascade-tiny"):

@@ -28,6 +28,7 @@ RESUME_MAY_DIFFER = {
     "train.work_dir", "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.tensorboard", "train.kernels", "train.eval_at_end", "train.eval_at_start",
     "optim.implementation",  # the same AdamW update and optimiser state; only the kernel differs
+    "model.clip_pretrained",  # where the CLIP file was: the checkpoint holds every weight (and the class embeddings)
 }
 
 

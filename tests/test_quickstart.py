@@ -9,7 +9,7 @@ from cascade_clip import quickstart
 
 def test_quickstart_short_run(tmp_path, capsys):
     result = quickstart.main(["--work-dir", str(tmp_path), "--iters", "3", "--kernels", "reference",
-                              "--set", "model.img_size=32", "--set", "model.crop_size=32", "--set", "eval.short_side=32",
+                              "--set", "model.img_size=32", "--set", "model.crop_size=32", "--set", "model.stride=27", "--set", "eval.short_side=32",
                               "--set", "data.scale=128,32"])
     out = capsys.readouterr().out
     assert "synthetic dataset (VOC layout)" in out

@@ -67,6 +67,36 @@ def test_presets_and_overrides(capsys):
     assert shown["train"]["iters"] == 9 and shown["train"]["transductive"] and shown["model"]["clip_model"] == "ViT-B-16"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.log_interval=0", "train.log_interval must be > 0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be > 0"),
+    ("optim.power=-1", "optim.power must be >= 0"),
+    ("optim.min_lr=1", "optim.min_lr must be in"),
+    ("eval.short_side=0", "eval.short_side must be > 0"),
+    ("model.stride=600", "0 < stride <= crop_size"),
+])
+def test_values_that_would_train_wrongly_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        resolve("voc", [override])
+
+
+def test_saved_config_file_is_checked(tmp_path):
+    """A JSON config (--config FILE.json) with a misspelt section or a fractional integer is an error, not ignored
+    or truncated."""
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"trian": {"iters": 5}}))
+    with pytest.raises(ValueError, match=r"unknown config sections \['trian'\]"):
+        resolve(str(path))
+    path.write_text(json.dumps({"train": {"iters": 7.9}}))
+    with pytest.raises(ValueError, match="iters: expected an integer, got 7.9"):
+        resolve(str(path))
+    full = preset("voc").to_dict()
+    full["train"]["iters"] = 7.0
+    path.write_text(json.dumps(full))
+    assert resolve(str(path)).train.iters == 7
+
+
 _DYING = textwrap.dedent(
     """
     import os, signal, sys, torch
@@ -184,9 +214,19 @@ def test_kill_9_then_resume_equals_uninterrupted(data_root, tmp_path):
     # --resume with another configuration is refused, naming the key
     with pytest.raises(ValueError, match=r"(?s)another configuration.*train\.iters: 8 \(checkpoint\) vs 9"):
         train.main(args + ["--set", "train.iters=9", "--resume", os.path.join(killed, "latest.pt")])
-    # metrics.jsonl has one loss per step
-    losses = [json.loads(line) for line in open(os.path.join(whole, "metrics.jsonl"))]
-    assert [r["iter"] for r in losses if "loss" in r] == list(range(1, 9))
+    # metrics.jsonl has one loss per step, also in the resumed run (the killed run's records after its checkpoint
+    # are dropped before they are logged again)
+    for work in (whole, killed):
+        losses = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+        assert [r["iter"] for r in losses if "loss" in r] == list(range(1, 9)), work
+
+    # a checkpoint written by another number of processes is refused (batch and sample order would change)
+    state = torch.load(os.path.join(killed, "iter_4.pt"), weights_only=False)
+    assert state["world_size"] == 1
+    state["world_size"] = 2
+    torch.save(state, tmp_path / "two_ranks.pt")
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1"):
+        train.main(args + ["--resume", str(tmp_path / "two_ranks.pt")])
 
 
 def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
@@ -203,6 +243,36 @@ def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
         noise_only = key.endswith("multihead_attn.k.bias") and ".layers.2." not in key  # as in test_ddp
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3 if noise_only else 2e-5, msg=key)
     torch.testing.assert_close([l for _, l in accum["losses"]], [l for _, l in batch["losses"]], rtol=1e-5, atol=0)
+
+
+def test_resume_after_the_clip_file_moved(data_root, tmp_path):
+    """The checkpoint holds every weight: resuming neither reads the CLIP file again nor requires its old path."""
+    from cascade_clip.clip_arch import create_clip
+
+    clip = tmp_path / "clip.pt"
+    torch.manual_seed(3)
+    torch.save(create_clip("cascade-tiny").state_dict(), clip)
+    work = str(tmp_path / "w")
+    args = ["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, work, iters=4)), []),
+            "--set", f"model.clip_pretrained={clip}", "--set", "train.iters=2"]
+    train.main(args)
+    moved = tmp_path / "moved.pt"
+    clip.rename(moved)
+    resumed = [a.replace(str(clip), str(moved)).replace("train.iters=2", "train.iters=4") for a in args]
+    with pytest.raises(ValueError, match="train.iters"):  # another length of run is still another configuration
+        train.main(resumed + ["--resume", "auto"])
+    train.main([a.replace("train.iters=4", "train.iters=2") for a in resumed] + ["--resume", "auto"])
+
+
+def test_bad_input_leaves_an_existing_run_untouched(data_root, tmp_path):
+    """A run that fails on its inputs does not overwrite the work dir's config.json nor its metrics.jsonl."""
+    work = tmp_path / "w"
+    train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, str(work), iters=2)), [])])
+    before = {name: (work / name).read_text() for name in ("config.json", "metrics.jsonl")}
+    bad = tiny_overrides(str(tmp_path / "missing"), str(work), iters=5)
+    with pytest.raises(ValueError, match="missing"):
+        train.main(["--config", "voc", *sum((["--set", o] for o in bad), [])])
+    assert {name: (work / name).read_text() for name in before} == before
 
 
 def test_text_embedding_file_shape_mismatch(data_root, tmp_path):
