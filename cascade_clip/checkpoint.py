@@ -21,6 +21,7 @@ import torch
 from .catalog import dataset_info
 from .config import ModelConfig
 from .official import LOSS_BUFFER_KEY, read_checkpoint
+from .safe_load import load_checkpoint_file
 
 if TYPE_CHECKING:  # the model module imports this one's users; only the annotation needs it here
     from .model import CascadeCLIP
@@ -56,12 +57,7 @@ def save_model_checkpoint(path: str, model, **extra: Any) -> None:
 def read_any_checkpoint(path: str) -> Dict[str, Any]:
     """The raw checkpoint dict at ``path`` (ours: full dict; official: {'official_state_dict': ..., 'official_meta':
     the mmcv checkpoint's ``meta`` or None})."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint file not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    raw = load_checkpoint_file(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         return raw
     meta = raw.get("meta") if isinstance(raw, dict) and isinstance(raw.get("state_dict"), Mapping) else None

@@ -44,7 +44,9 @@ def read_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, but these files need it
             state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        from .safe_load import load_checkpoint_file
+
+        checkpoint = load_checkpoint_file(path)
         state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
         if not isinstance(state_dict, dict):
             raise ValueError(f"{path}: not a CLIP state dict or TorchScript archive")

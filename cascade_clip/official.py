@@ -73,13 +73,9 @@ class LoadReport:
 def read_checkpoint(source: Union[str, os.PathLike, Mapping]) -> Dict[str, torch.Tensor]:
     """A state dict from a path to a ``.pth`` (mmcv ``{'meta', 'state_dict', ...}`` or a bare dict) or a mapping."""
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ValueError(f"checkpoint file not found: {path}")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a clear message instead of an unpickling traceback
-            raise ValueError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        from .safe_load import load_checkpoint_file
+
+        source = load_checkpoint_file(os.fspath(source))
     if not isinstance(source, Mapping):
         raise ValueError(f"expected a state dict, got {type(source).__name__}")
     if "state_dict" in source and isinstance(source["state_dict"], Mapping):

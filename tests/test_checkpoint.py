@@ -164,3 +164,44 @@ def test_load_ignores_a_moved_clip_file_and_rejects_unknown_overrides(tmp_path):
     assert torch.equal(loaded.backbone.conv1.weight, model.backbone.conv1.weight)
     with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['crop'\]"):
         load_model(path, crop=3)
+
+
+_CALLS = []
+
+
+def _record_call(what):
+    _CALLS.append(what)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a malicious checkpoint would do."""
+
+    def __reduce__(self):
+        return (_record_call, ("unpickled",))
+
+
+def test_checkpoints_are_read_without_running_code(tmp_path, monkeypatch):
+    """Checkpoints load tensors, plain containers and numpy arrays only; a file asking for anything else is refused
+    (nothing runs) unless CASCADE_CLIP_TRUST_CHECKPOINTS=1."""
+    from cascade_clip.safe_load import TRUST_VARIABLE, load_checkpoint_file
+
+    monkeypatch.delenv(TRUST_VARIABLE, raising=False)
+    import numpy as np
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(2), "rng": np.random.get_state(), "meta": {"config": "x", "iter": 3}}, plain)
+    assert load_checkpoint_file(str(plain))["meta"]["iter"] == 3
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "meta": _RunsCode()}, evil)
+    for read in (load_checkpoint_file, load_model):
+        with pytest.raises(ValueError, match=rf"evil.pth: holds Python objects .*{TRUST_VARIABLE}=1"):
+            read(str(evil))
+    assert _CALLS == []
+    monkeypatch.setenv(TRUST_VARIABLE, "1")
+    load_checkpoint_file(str(evil))
+    assert _CALLS == ["unpickled"]
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    monkeypatch.delenv(TRUST_VARIABLE)
+    with pytest.raises(ValueError, match="garbage.pt: cannot read as a PyTorch checkpoint"):
+        load_checkpoint_file(str(garbage))
