@@ -1,7 +1,9 @@
-"""Training-free dense CLIP segmentation (the MaskCLIP recipe) on open_clip's image tower.
+"""Training-free dense CLIP segmentation (MaskCLIP's value-path features) on open_clip's image tower.
 
 For users with CLIP weights but no Cascade-CLIP checkpoint. Per patch token, the last block's *value* path replaces its
-attention output, whose tokens all look alike because they attend globally (MaskCLIP, Zhou et al. 2022):
+attention output, whose tokens all look alike because they attend globally (MaskCLIP, Zhou et al. 2022). The last
+block's residual and MLP are left out as well, a choice of this project: MaskCLIP's ViT variant keeps them, and later
+training-free work reports cleaner dense features without them:
 
     x  = input of the last block (B, 1+N, W), after conv1 + positions + ln_pre and blocks 0..L-2
     v  = ln_1(x) @ W_v.T + b_v            (W_v, b_v: the value slice of the attention's in_proj)
