@@ -187,8 +187,9 @@ class Segmenter:
         """A Cascade-CLIP checkpoint (this project's or official) for ``classes``.
 
         ``classes``: names, a preset (``"voc"``), a class file or ``"a,b,c"``. Text: ``text_embeddings`` (.npy, one row
-        per class) or computed (``clip_weights`` > the checkpoint's ``text_encoder.*`` > its config's
-        ``clip_pretrained``) with ``templates`` (default: the official set of the preset ``classes`` name, else of
+        per class); else, for exactly the classes a checkpoint of this project was trained on and no ``clip_weights``
+        or ``templates``, the class embeddings it stores (the vectors it was trained with); else computed
+        (``clip_weights`` > the checkpoint's ``text_encoder.*`` > its config's ``clip_pretrained``) with ``templates`` (default: the official set of the preset ``classes`` name, else of
         the checkpoint's dataset). ``seen``: class names to calibrate; None = those of the list the checkpoint was
         trained on, or none when ``classes`` is another dataset's preset (cross-dataset, as officially);
         ``calibration=False``: none.
@@ -219,8 +220,13 @@ class Segmenter:
             raise ValueError(str(exc) if path in str(exc) else f"{path}: {exc}") from exc
         cfg = model.cfg
         stored_cfg = ModelConfig.from_dict(raw["model_config"]) if "model_config" in raw else cfg
+        stored = raw.get("text_embeddings")
         if text_embeddings:
             text = embeddings_from_file(text_embeddings, class_list.names, dim=model.embed_dim)
+        elif (stored is not None and clip_weights is None and templates is None
+              and list(raw.get("class_names") or []) == list(class_list.names)):
+            # the classes a checkpoint of this project was trained on: the vectors it was trained with (as eval)
+            text = torch.as_tensor(stored).float()
         else:
             source = pick_text_weights(clip_model=cfg.clip_model, clip_weights=clip_weights, checkpoint_path=path,
                                        checkpoint_raw=raw, checkpoint_config=config or stored_cfg,

@@ -136,3 +136,20 @@ def test_bf16_scores_stay_close_to_fp32(segmenter):
         segmenter.precision = "fp32"
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it really ran in bf16
     torch.testing.assert_close(bf16, fp32, atol=3e-2, rtol=0)  # probabilities, bf16 rounding of the activations
+
+
+def test_checkpoint_classes_use_the_stored_class_embeddings(tmp_path):
+    """A checkpoint of this project stores the class embeddings it was trained with: predicting its own classes needs
+    no CLIP weights and uses exactly those vectors (as eval does); other classes still need text weights."""
+    from cascade_clip import CascadeCLIP, ModelConfig
+    from cascade_clip.checkpoint import save_model_checkpoint
+
+    cfg = ModelConfig.preset("voc", clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4, crop_size=64,
+                             stride=48, class_names=("sky", "road", "tree"), seen=(0, 1))
+    stored = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    path = str(tmp_path / "latest.pt")
+    save_model_checkpoint(path, CascadeCLIP(cfg), text_embeddings=stored, class_names=list(cfg.class_names))
+    seg = Segmenter.from_checkpoint(path, "sky,road,tree", short_side=64, device="cpu", cache_dir=None)
+    assert torch.equal(seg.text, stored)
+    with pytest.raises(ValueError, match="no CLIP text weights"):
+        Segmenter.from_checkpoint(path, "sky,tree", short_side=64, device="cpu", cache_dir=None)
