@@ -201,7 +201,8 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         if info.is_main:
             os.makedirs(work_dir, exist_ok=True)
             clean_stale_temporaries(work_dir)
-        resume_path = resolve_resume(resume, work_dir)
+        # rank 0 decides which checkpoint (`auto` finds the latest one): every rank then resumes from the same file
+        resume_path = dist_utils.broadcast_object(resolve_resume(resume, work_dir) if info.is_main else None)
         state = read_resume_checkpoint(resume_path, cfg.to_dict()) if resume_path else None
 
         if state is not None:
@@ -346,7 +347,9 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
             window_iters += 1
             logger.step()
 
-            is_log = done % cfg.train.log_interval == 0 or done == cfg.train.iters or done == start + 1
+            is_checkpoint = done % cfg.train.checkpoint_interval == 0 or done == cfg.train.iters
+            # checkpoint iterations are logged too: the loss is checked to be finite before weights are written
+            is_log = done % cfg.train.log_interval == 0 or is_checkpoint or done == start + 1
             if is_log:
                 distributed.all_reduce_sum(totals)
                 totals /= info.world_size
@@ -365,7 +368,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                 result["losses"].append((done, values[0]))
                 window_start, window_iters = time.perf_counter(), 0
 
-            if done % cfg.train.checkpoint_interval == 0 or done == cfg.train.iters:
+            if is_checkpoint:
                 rngs = distributed.all_gather_objects(rng_state())
                 if info.is_main:
                     save_training_checkpoint(

@@ -94,7 +94,8 @@ AUTOTUNE_CANDIDATES: Dict[Tuple[str, str], List["triton.Config"]] = {}
 def autotune(configs: List["triton.Config"], key: Sequence[str], prune: Optional[Callable] = None):
     """``triton.autotune`` over ``configs`` (the first one only under the interpreter), with the chosen config kept on
     disk where Triton can: a later process on the same machine (a resumed run, the other DDP ranks once one rank has
-    tuned) then runs the same tiles, hence the same float summation order and the same numbers."""
+    tuned) then runs the same tiles, hence the same float summation order and the same numbers. Ranks that tune at
+    the same moment may each choose other tiles (round-off differences only)."""
     kwargs = {"cache_results": True} if _AUTOTUNE_CAN_CACHE else {}
     if "do_bench" in _AUTOTUNE_PARAMETERS:  # Triton >= 3.2; older ones keep their default timing
         kwargs["do_bench"] = _bench_candidate
