@@ -370,15 +370,21 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
 
             if is_checkpoint:
                 rngs = distributed.all_gather_objects(rng_state())
+                failure = None
                 if info.is_main:
-                    save_training_checkpoint(
-                        work_dir, done, model, keep=cfg.train.keep_checkpoints,
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rngs,
-                        train_config=cfg.to_dict(), text_embeddings=text.detach().cpu(),
-                        class_names=list(mcfg.class_names), world_size=info.world_size,
-                    )
-                distributed.barrier()
+                    try:
+                        save_training_checkpoint(
+                            work_dir, done, model, keep=cfg.train.keep_checkpoints,
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            scaler=scaler.state_dict() if scaler.is_enabled() else None, rng=rngs,
+                            train_config=cfg.to_dict(), text_embeddings=text.detach().cpu(),
+                            class_names=list(mcfg.class_names), world_size=info.world_size,
+                        )
+                    except OSError as exc:  # a full disk, a lost mount: every rank stops instead of waiting
+                        failure = f"checkpoint at iteration {done} could not be written to {work_dir}: {exc}"
+                failure = dist_utils.broadcast_object(failure)
+                if failure is not None:
+                    raise RuntimeError(failure)
         result["iteration"] = cfg.train.iters
         if cfg.train.eval_at_end:
             result["metrics"] = evaluate("after training")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -310,6 +311,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"model.img_size {cfg.model.img_size} must be a multiple of the patch size 16")
     if not cfg.model.seen:
         raise ValueError("model.seen is empty: no class to train on")
+    if t.transductive and cfg.model.seen_calibration:
+        warnings.warn(
+            f"train.transductive=true with model.seen_calibration={cfg.model.seen_calibration}: the official "
+            "self-training models are evaluated without the seen calibration (the -st presets set it to 0); set "
+            "model.seen_calibration=0 to match them",
+            stacklevel=2,
+        )
 
 
 def resolve(name: str, overrides: List[str] = (), **flags: Optional[str]) -> Config:

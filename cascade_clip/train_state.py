@@ -77,12 +77,17 @@ def iteration_checkpoints(work_dir: str) -> List[str]:
 
 
 def save_training_checkpoint(work_dir: str, iteration: int, model, *, keep: int = 0, **state: Any) -> str:
-    """Write ``iter_<iteration>.pt`` and point ``latest.pt`` at it; keep the newest ``keep`` iter files (0 = all)."""
+    """Write ``iter_<iteration>.pt`` and point ``latest.pt`` at it; keep the newest ``keep`` iter files (0 = all).
+
+    Only files up to ``iteration`` count for ``keep``: ``iter_<N>.pt`` files of higher N are left by an earlier,
+    longer run in the same folder, not this run's history, and must not push out the file just written."""
     path = os.path.join(work_dir, f"iter_{iteration}.pt")
     save_model_checkpoint(path, model, iteration=iteration, **state)
     _point_latest(work_dir, path)
     if keep > 0:
-        for old in iteration_checkpoints(work_dir)[:-keep]:
+        ours = [p for p in iteration_checkpoints(work_dir)
+                if int(re.fullmatch(r"iter_(\d+)\.pt", os.path.basename(p)).group(1)) <= iteration]
+        for old in ours[:-keep]:
             os.unlink(old)
     return path
 

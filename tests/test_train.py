@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -79,6 +80,38 @@ def test_presets_and_overrides(capsys):
 def test_values_that_would_train_wrongly_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         resolve("voc", [override])
+
+
+def test_transductive_training_with_the_seen_calibration_warns():
+    with pytest.warns(UserWarning, match="model.seen_calibration=0 to match them"):
+        resolve("voc", ["train.transductive=true"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve("voc-st")
+
+
+def test_keep_checkpoints_ignores_an_earlier_runs_later_files(data_root, tmp_path):
+    """keep_checkpoints=1 in a folder where a longer run left iter_100.pt: this run's newest file stays (the stale
+    one neither counts nor is removed), its older files go."""
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "iter_100.pt").write_bytes(b"an earlier run's checkpoint")
+    args = tiny_overrides(data_root, str(work), iters=4) + ["train.keep_checkpoints=1"]
+    train.main(["--config", "voc", *sum((["--set", o] for o in args), [])])
+    assert sorted(p.name for p in work.glob("iter_*.pt")) == ["iter_100.pt", "iter_4.pt"]
+    assert torch.load(work / "latest.pt", weights_only=False)["iteration"] == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run(data_root, tmp_path, monkeypatch):
+    from cascade_clip import train_state
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_state, "save_model_checkpoint", full_disk)
+    work = str(tmp_path / "w")
+    with pytest.raises(RuntimeError, match="checkpoint at iteration 2 could not be written.*No space left"):
+        train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, work, iters=4)), [])])
 
 
 def test_saved_config_file_is_checked(tmp_path):
