@@ -83,8 +83,12 @@ def run(args: argparse.Namespace) -> None:
         if "model_config" in raw:
             cfg = ModelConfig.from_dict(raw["model_config"])
             dataset = cfg.dataset
-        else:  # official: the dataset it was trained on, for its templates (as predict picks them)
-            dataset = official_dataset(raw["official_state_dict"])
+        elif args.templates is None and classes.preset is None:
+            # official: the dataset it was trained on picks the templates (as predict does), when it can be told
+            try:
+                dataset = official_dataset(raw["official_state_dict"])
+            except ValueError:
+                dataset = None
     clip_model = args.clip_model or (cfg.clip_model if cfg is not None else "ViT-B-16")
     source = pick_text_weights(
         clip_model=clip_model, clip_weights=args.clip_weights, checkpoint_path=args.checkpoint,

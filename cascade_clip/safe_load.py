@@ -20,10 +20,15 @@ TRUST_VARIABLE = "CASCADE_CLIP_TRUST_CHECKPOINTS"
 
 
 def _numpy_globals() -> List[Any]:
-    """What unpickling a numpy array needs: its reconstructor, ndarray, dtype and the concrete dtype classes."""
+    """What unpickling numpy arrays and scalars needs: their reconstructors, ndarray, dtype and the concrete dtype
+    classes (mmcv's meta can hold scalars, e.g. an EvalHook's best score)."""
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
     dtype_classes = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSUV"]
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtype_classes]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 def load_checkpoint_file(path: str) -> Any:
@@ -41,6 +46,8 @@ def load_checkpoint_file(path: str) -> Any:
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # not a zip checkpoint (corrupt, or torch's legacy format)
             needed = []
+        allowed = {_qualified_name(g) for g in _numpy_globals()}
+        needed = [name for name in needed if name not in allowed]  # torch lists them even when allowed
         if not needed:
             raise ValueError(
                 f"{path}: cannot read as a PyTorch checkpoint (not a tensors-only file: corrupt, or a legacy pickle; "

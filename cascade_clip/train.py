@@ -201,8 +201,18 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         if info.is_main:
             os.makedirs(work_dir, exist_ok=True)
             clean_stale_temporaries(work_dir)
-        # rank 0 decides which checkpoint (`auto` finds the latest one): every rank then resumes from the same file
-        resume_path = dist_utils.broadcast_object(resolve_resume(resume, work_dir) if info.is_main else None)
+        # rank 0 decides which checkpoint (`auto` finds the latest one): every rank then resumes from the same file,
+        # or every rank stops with rank 0's reason
+        resolved = None
+        if info.is_main:
+            try:
+                resolved = ("path", resolve_resume(resume, work_dir))
+            except ValueError as exc:
+                resolved = ("error", str(exc))
+        kind, value = dist_utils.broadcast_object(resolved)
+        if kind == "error":
+            raise ValueError(value)
+        resume_path = value
         state = read_resume_checkpoint(resume_path, cfg.to_dict()) if resume_path else None
 
         if state is not None:
@@ -221,6 +231,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         # the checkpoint holds every weight: the CLIP file is not read again (it may have moved since).
         torch.manual_seed(cfg.train.seed)
         model = CascadeCLIP(dataclasses.replace(mcfg, clip_pretrained=None) if state is not None else mcfg)
+        model.cfg = mcfg  # the checkpoints record the run's configuration (its CLIP file embeds new class names)
         loaded_report = load_weights(model, load_from) if load_from and not state else None
         model.to(device)
         torch.manual_seed(cfg.train.seed + info.rank)

@@ -298,8 +298,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"optim.min_lr must be in [0, optim.lr = {o.lr}], got {o.min_lr}")
     if o.power < 0:  # a negative power divides by zero on the last step
         raise ValueError(f"optim.power must be >= 0, got {o.power}")
-    if o.grad_clip is not None and o.grad_clip <= 0:  # clip_grad_norm_ with a negative norm flips the gradient
-        raise ValueError(f"optim.grad_clip must be > 0 (or none), got {o.grad_clip}")
+    if o.grad_clip is not None and o.grad_clip < 0:  # clip_grad_norm_ with a negative norm flips the gradient
+        raise ValueError(f"optim.grad_clip must be >= 0 (0 or none: no clipping), got {o.grad_clip}")
     if t.log_interval <= 0 or t.keep_checkpoints < 0:
         raise ValueError(f"train.log_interval must be > 0 and train.keep_checkpoints >= 0, got {t.log_interval}, "
                          f"{t.keep_checkpoints}")

@@ -119,6 +119,18 @@ def test_official_checkpoint_gets_its_dataset_templates(clip_file, tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoint_of_no_known_dataset_with_explicit_templates(clip_file, tmp_path):
+    """A text_encoder checkpoint whose prompt count names no dataset still embeds when the templates are given."""
+    _, model = clip_file
+    official = {"text_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    official["backbone.prompt_embeddings"] = torch.zeros(1, 7, 192)
+    ckpt = tmp_path / "other.pth"
+    torch.save({"meta": {}, "state_dict": official}, ckpt)
+    got = run(tmp_path, "--classes", "cat,sky", "--checkpoint", str(ckpt), "--templates", "multi")
+    expected = text_mod.encode_class_names(model, ["cat", "sky"], "multi", clip_model="cascade-tiny")
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_no_quick_gelu_flag(clip_file, tmp_path):
     path, _ = clip_file
     got = run(tmp_path, "--classes", "cat,sky", "--clip-weights", path, "--no-quick-gelu")

@@ -71,7 +71,7 @@ def test_presets_and_overrides(capsys):
 @pytest.mark.parametrize("override, message", [
     ("train.log_interval=0", "train.log_interval must be > 0"),
     ("train.keep_checkpoints=-1", "train.keep_checkpoints >= 0"),
-    ("optim.grad_clip=-1", "optim.grad_clip must be > 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
     ("optim.power=-1", "optim.power must be >= 0"),
     ("optim.min_lr=1", "optim.min_lr must be in"),
     ("eval.short_side=0", "eval.short_side must be > 0"),
@@ -80,6 +80,10 @@ def test_presets_and_overrides(capsys):
 def test_values_that_would_train_wrongly_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
         resolve("voc", [override])
+
+
+def test_grad_clip_zero_means_off():
+    assert resolve("voc", ["optim.grad_clip=0"]).optim.grad_clip == 0
 
 
 def test_transductive_training_with_the_seen_calibration_warns():
@@ -287,14 +291,19 @@ def test_resume_after_the_clip_file_moved(data_root, tmp_path):
     torch.save(create_clip("cascade-tiny").state_dict(), clip)
     work = str(tmp_path / "w")
     args = ["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, work, iters=4)), []),
-            "--set", f"model.clip_pretrained={clip}", "--set", "train.iters=2"]
+            "--set", f"model.clip_pretrained={clip}"]
     train.main(args)
+    uninterrupted = _weights(os.path.join(work, "iter_4.pt"))
     moved = tmp_path / "moved.pt"
     clip.rename(moved)
-    resumed = [a.replace(str(clip), str(moved)).replace("train.iters=2", "train.iters=4") for a in args]
+    resumed = [a.replace(str(clip), str(moved)) for a in args]
     with pytest.raises(ValueError, match="train.iters"):  # another length of run is still another configuration
-        train.main(resumed + ["--resume", "auto"])
-    train.main([a.replace("train.iters=4", "train.iters=2") for a in resumed] + ["--resume", "auto"])
+        train.main(resumed + ["--set", "train.iters=5", "--resume", os.path.join(work, "iter_2.pt")])
+    train.main(resumed + ["--resume", os.path.join(work, "iter_2.pt")])
+    raw = torch.load(os.path.join(work, "iter_4.pt"), weights_only=False)
+    assert raw["model_config"]["clip_pretrained"] == str(moved)  # later commands embed new class names with it
+    for key, value in uninterrupted.items():
+        assert torch.equal(raw["model"][key], value), key
 
 
 def test_bad_input_leaves_an_existing_run_untouched(data_root, tmp_path):
