@@ -151,8 +151,8 @@ class CascadeCLIP(nn.Module):
         other class list. The argmax over C is the label map. ``window_batch``: windows run through the model
         together (the same scores; fewer, larger forward calls).
 
-        Inference always runs in eval mode (no dropout), as the official test does; a model in training mode is
-        switched back afterwards.
+        Inference always runs in eval mode (no dropout), as the official test does; every submodule gets its own mode
+        back afterwards.
         """
         self._check_images(images)
         self._check_text(text)
@@ -161,7 +161,7 @@ class CascadeCLIP(nn.Module):
         seen = [int(i) for i in seen]
         if any(not 0 <= i < text.shape[0] for i in seen):
             raise ValueError(f"seen indices {seen} out of range for {text.shape[0]} classes")
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             return slide_inference(
@@ -176,7 +176,8 @@ class CascadeCLIP(nn.Module):
                 window_batch=window_batch,
             )
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     # ------------------------------------------------------------------ official checkpoints
     def load_official_state_dict(self, state_dict: Union[str, os.PathLike, Mapping]) -> LoadReport:

@@ -286,6 +286,10 @@ def test_segment_runs_in_eval_mode_and_restores_the_mode():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, model.eval().segment(images, text), rtol=0, atol=0)
     assert not model.training
+    model.train()
+    model.head.eval()  # a caller's own mix of modes survives too
+    model.segment(images, text)
+    assert model.training and model.backbone.training and not any(m.training for m in model.head.modules())
 
 
 @pytest.mark.parametrize("crop,stride", [(64, 80), (64, 0), (0, 0)])
