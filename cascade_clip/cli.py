@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Set to 1 to see the traceback of a user error (bad path, value, file) instead of its one-line message.
+DEBUG_VARIABLE = "CASCADE_CLIP_DEBUG"
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -15,7 +19,8 @@ COMMANDS = {
     "config": ("cascade_clip.config_cli", "show a resolved training configuration"),
     "predict": ("cascade_clip.predict", "segment your own images with any class names"),
     "embed-text": ("cascade_clip.embed_text", "class names -> L2-normalised text embeddings (.npy)"),
-    "bench": ("cascade_clip.bench_cli", "run a benchmark of the checkout's bench/ (kernels, cpu, train, pipeline, host)"),
+    "bench": ("cascade_clip.bench_cli",
+              "run a benchmark of the checkout's bench/ (kernels, cpu, train, pipeline, host, steps, segment)"),
 }
 
 
@@ -33,7 +38,14 @@ def main(argv=None) -> None:
         if exc.name != module_name:
             raise
         parser.error(f"'{args.command}' is not available in this version")
-    code = module.main(argv[1:])
+    try:
+        code = module.main(argv[1:])
+    except (ValueError, OSError) as exc:
+        # user errors (paths, values, files) say what is wrong in their message; a traceback only buries it
+        if os.environ.get(DEBUG_VARIABLE) == "1":
+            raise
+        print(f"cascade-clip {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
 

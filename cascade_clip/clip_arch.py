@@ -15,6 +15,8 @@ from typing import Dict, Optional
 import torch
 
 TINY_MODEL_NAME = "cascade-tiny"
+# A `pretrained` value with one of these endings is a file (a missing one is a named error), never an open_clip tag.
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"{TINY_MODEL_NAME}.json")
 _registered = False
 
@@ -69,7 +71,8 @@ def create_clip(name: str, pretrained: Optional[str] = None, quick_gelu: bool = 
 
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
-    if pretrained is not None and (os.path.isfile(pretrained) or os.sep in pretrained):
+    if pretrained is not None and (os.path.isfile(pretrained) or os.sep in pretrained
+                                   or pretrained.endswith(WEIGHT_FILE_SUFFIXES)):
         model = create_clip(name, None, quick_gelu)
         state_dict = read_clip_state_dict(pretrained)
         expected = model.state_dict()

@@ -8,11 +8,13 @@ The embeddings themselves always come from :func:`cascade_clip.text.class_embedd
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .clip_arch import WEIGHT_FILE_SUFFIXES
 from .text import DEFAULT_CACHE_DIR, OFFICIAL_TEXT_PREFIX, class_embeddings, load_embeddings
 
 
@@ -54,13 +56,22 @@ def pick_text_weights(
     if official is not None and any(k.startswith(OFFICIAL_TEXT_PREFIX) for k in official):
         return TextWeights(clip_model, official_checkpoint=checkpoint_path, quick_gelu=quick_gelu)
     pretrained = getattr(checkpoint_config, "clip_pretrained", None)
+    names_a_file = pretrained and (os.sep in pretrained or pretrained.endswith(WEIGHT_FILE_SUFFIXES))
+    if names_a_file and not os.path.isfile(pretrained):
+        raise ValueError(
+            f"{checkpoint_path} records its CLIP weights as {pretrained} (model.clip_pretrained), which is not there "
+            f"anymore; {_PASS_WEIGHTS}"
+        )
     if pretrained:
         return TextWeights(clip_model, pretrained=pretrained, quick_gelu=quick_gelu)
     where = f"{checkpoint_path} has no text_encoder.* weights and no clip_pretrained; " if checkpoint_path else ""
-    raise ValueError(
-        f"{where}no CLIP text weights to embed the class names: pass CLIP weights (an open_clip tag such as "
-        "'openai' or a local file) or precomputed text embeddings (.npy)"
-    )
+    raise ValueError(f"{where}no CLIP text weights to embed the class names; {_PASS_WEIGHTS}")
+
+
+_PASS_WEIGHTS = (
+    "pass CLIP weights, an open_clip tag such as 'openai' or a local file (predict, embed-text: --clip-weights; "
+    "eval: --set model.clip_pretrained=...), or precomputed class embeddings (predict, eval: --text-embeddings FILE.npy)"
+)
 
 
 def embeddings_for(

@@ -25,12 +25,14 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from . import distributed
+from .clip_arch import TINY_MODEL_NAME
 from .train_config import PRESETS, Config, autocast_dtype, resolve, torch_compile_mode
 
 
@@ -226,6 +228,13 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                 )
         device = info.device
         mcfg = cfg.model
+        ops.resolve(cfg.train.kernels, device)  # a backend that cannot run here fails now, not at step 1
+        if state is None and not load_from and mcfg.clip_pretrained is None and mcfg.clip_model != TINY_MODEL_NAME:
+            warnings.warn(
+                f"model.clip_pretrained is not set: the frozen {mcfg.clip_model} image tower keeps random weights and "
+                "cannot learn; set model.clip_pretrained=FILE or an open_clip tag (e.g. ViT-B-16.pt, openai)",
+                stacklevel=2,
+            )
 
         # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank seeds for dropout. On resume
         # the checkpoint holds every weight: the CLIP file is not read again (it may have moved since).

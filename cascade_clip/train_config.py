@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -327,12 +328,16 @@ def resolve(name: str, overrides: List[str] = (), **flags: Optional[str]) -> Con
         try:
             with open(name, encoding="utf-8") as f:
                 cfg = Config.from_dict(json.load(f))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # unreadable, not JSON, or unknown sections/keys
             raise ValueError(f"cannot read config file {name}: {exc}") from exc
     else:
         cfg = preset(name)
     flag_keys = {"data_root": "data.root", "work_dir": "train.work_dir", "text_embeddings": "data.text_embeddings"}
     assignments = list(overrides) + [f"{key}={flags[flag]}" for flag, key in flag_keys.items() if flags.get(flag) is not None]
     cfg = apply_overrides(cfg, assignments)
+    clip_file = cfg.model.clip_pretrained
+    if clip_file and os.path.isfile(clip_file):
+        # checkpoints record it (to embed new class names later): an absolute path works from any folder
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, clip_pretrained=os.path.abspath(clip_file)))
     validate(cfg)
     return cfg

@@ -20,8 +20,12 @@ def load_backend():
     from cascade_clip.ops.registry import Backend
 
     from .descriptor import descriptor
+    from .launch import is_interpreter
     from .loss_sums import loss_sums
     from .mask_logits import mask_logits
     from .nga import nga
 
-    return Backend("triton", nga, descriptor, mask_logits, devices=("cuda",), loss_sums=loss_sums)
+    # compiled kernels need CUDA tensors; the interpreter runs them on CPU tensors (explicit backend="triton" only:
+    # "auto" routes CPU tensors to the C++ backend)
+    devices = ("cuda", "cpu") if is_interpreter() else ("cuda",)
+    return Backend("triton", nga, descriptor, mask_logits, devices=devices, loss_sums=loss_sums)

@@ -153,3 +153,17 @@ def test_checkpoint_classes_use_the_stored_class_embeddings(tmp_path):
     assert torch.equal(seg.text, stored)
     with pytest.raises(ValueError, match="no CLIP text weights"):
         Segmenter.from_checkpoint(path, "sky,tree", short_side=64, device="cpu", cache_dir=None)
+
+
+def test_checkpoint_whose_clip_file_moved_names_it_and_the_flags(tmp_path):
+    from cascade_clip import CascadeCLIP, ModelConfig
+    from cascade_clip.checkpoint import save_model_checkpoint
+
+    cfg = ModelConfig.preset("voc", clip_model="cascade-tiny", img_size=64, num_prompt_tokens=4, crop_size=64, stride=48,
+                             clip_pretrained=None)
+    model = CascadeCLIP(cfg)
+    model.cfg = ModelConfig.from_dict({**cfg.to_dict(), "clip_pretrained": "weights/gone.pt"})
+    path = str(tmp_path / "latest.pt")
+    save_model_checkpoint(path, model)
+    with pytest.raises(ValueError, match=r"records its CLIP weights as weights/gone.pt .*--clip-weights.*--text-embeddings"):
+        Segmenter.from_checkpoint(path, "cat,dog", short_side=64, device="cpu", cache_dir=None)

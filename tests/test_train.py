@@ -477,3 +477,30 @@ def test_eval_text_for_an_official_checkpoint(tmp_path):
                                                      templates="single", cache_dir=None))
     with pytest.raises(ValueError, match="no text_encoder.* weights and no clip_pretrained"):
         evaluate.resolve_text(model, raw, names, path=None, templates=None, dataset="voc")
+
+
+def test_cli_prints_user_errors_without_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_CLIP_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "cascade_clip.cli", "train", "--set", "train.iter=5"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cascade-clip train: error: unknown config key 'train.iter'"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read config file .*bad.json"):
+        resolve(str(bad))
+
+
+def test_training_without_clip_weights_warns(data_root, tmp_path, monkeypatch):
+    """A real architecture without model.clip_pretrained would train on a random, frozen image tower."""
+    monkeypatch.setattr(train, "TINY_MODEL_NAME", "another-tiny-model")  # cascade-tiny stands for a real one here
+    with pytest.warns(UserWarning, match="model.clip_pretrained is not set"):
+        train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, str(tmp_path), 1)), [])])
+
+
+def test_backend_that_cannot_run_on_the_device_is_named():
+    from cascade_clip import ops
+
+    with pytest.raises(ValueError, match="'cpp' ops backend runs on cpu tensors, these are on cuda"):
+        ops.resolve("cpp", torch.device("cuda"))

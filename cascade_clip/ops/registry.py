@@ -128,6 +128,12 @@ def get_backend() -> str:
     return _default
 
 
+def _wrong_device(backend: Backend, device: torch.device) -> str:
+    hint = " (Triton runs CPU tensors only under its interpreter, TRITON_INTERPRET=1)" if backend.name == "triton" else ""
+    return (f"the {backend.name!r} ops backend runs on {' and '.join(backend.devices)} tensors, these are on "
+            f"{device.type}{hint}; use the 'auto' backend (the fastest one for the device), 'cpp' or 'reference'")
+
+
 def resolve(name: Optional[str], device: torch.device) -> Backend:
     """The backend that serves a call with ``backend=name`` on tensors of ``device``."""
     if name is None:
@@ -135,10 +141,15 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     # fast path (every op call goes through here): a loaded backend by name, or the cached choice of "auto"
     loaded = _backends.get(name) if name != AUTO else _auto_choice.get(device.type)
     if loaded is not None:
-        return loaded
+        if name == AUTO or device.type in loaded.devices:
+            return loaded
+        raise ValueError(_wrong_device(loaded, device))
     name = _check_name(name)
     if name != AUTO:
-        return _backends[name] if name in _backends else _try_load(name)
+        backend = _backends[name] if name in _backends else _try_load(name)
+        if device.type not in backend.devices:
+            raise ValueError(_wrong_device(backend, device))
+        return backend
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         backend = _try_load(candidate)
         if backend is not None and device.type in backend.devices:
