@@ -42,6 +42,9 @@ def _time_us(fn, calls: int = 300, rounds: int = 7) -> float:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help explains
     _skip_kernel_bodies()
     ops.available_backends()
     from cascade_clip.kernels import descriptor as d, mask_logits as m, nga as n

@@ -28,7 +28,7 @@ from cascade_clip.train_config import AUTOCAST_DTYPES
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--clip-model", default="ViT-B-16")
     parser.add_argument("--short-side", type=int, default=512, help="image height (the width is 4/3 of it)")
     parser.add_argument("--classes", type=int, default=20)

@@ -26,7 +26,7 @@ class ClassList:
 
 def _read_class_file(path: str) -> list:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of a name
             lines = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the class file ({type(exc).__name__}: {exc})") from exc
@@ -52,6 +52,9 @@ def parse_classes(spec: Union[str, Sequence[str]]) -> ClassList:
     text = spec.strip()
     if text in DATASET_NAMES:
         return ClassList(dataset_info(text).classes, text)
+    if text.lower() in DATASET_NAMES:  # "VOC" is the preset, not one class called VOC
+        raise ValueError(f"--classes {text!r}: the presets are {', '.join(DATASET_NAMES)} (lower case); for a class "
+                         f"of that name add another class")
     if os.path.isfile(text):
         names = check_class_names(_read_class_file(text))
         return ClassList(tuple(names), matching_preset(names))

@@ -130,7 +130,13 @@ def list_samples(dataset: str, root: str, split: str) -> List[Sample]:
             if not names:
                 raise ValueError(f"no *{spec.img_suffix} images in {img_path}")
         else:
-            names = _read_split_file(os.path.join(base, split_file))
+            try:
+                names = _read_split_file(os.path.join(base, split_file))
+            except ValueError as exc:
+                if dataset == "voc" and split == "train+aug" and "Aug" in ann_dir:
+                    raise ValueError(f"{exc} (the SegmentationClassAug split; without it, train on VOC's own train split "
+                                     "with --set data.train_split=train)") from exc
+                raise
         for name in names:
             image = os.path.join(img_path, name + spec.img_suffix)
             mask = os.path.join(base, ann_dir, name + spec.seg_suffix)

@@ -1,4 +1,4 @@
-"""The embedded default job of ``make run``: a small Cascade-CLIP on a synthetic batch, no download, CPU-friendly.
+"""A one-batch check of a small Cascade-CLIP on synthetic images: no download, CPU-friendly (``make run`` is quickstart).
 
 Builds the ``cascade-tiny`` CLIP (random weights) with the VOC preset, draws a batch of images with coloured shapes
 and their label maps, and runs a forward pass, the official loss, a backward pass and sliding-window inference.
@@ -36,7 +36,7 @@ def synthetic_batch(batch: int, size: int, num_classes: int, generator: torch.Ge
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cascade-clip demo", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (a multiple of 16)")
     parser.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,7 @@ from . import distributed
 from .catalog import DATASET_NAMES, dataset_info
 from .datasets import build_dataset
 from .metrics import SegMetrics, compute_metrics, update_confusion
-from .train_config import AUTOCAST_DTYPES, autocast_dtype
+from .train_config import AUTOCAST_DTYPES
 from .transforms import eval_resize
 
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="override a model config field, e.g. model.stride=256 (repeatable)")
     p.add_argument("--kernels", default="auto", choices=("auto", "triton", "cpp", "reference"))
-    p.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST_DTYPES), help="autocast dtype on GPU")
+    p.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST_DTYPES), help="fp32 (official), or bf16/fp16 autocast, on a GPU and on the CPU alike (as predict --precision)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--save-preds", metavar="DIR", help="write each prediction as a palette PNG of class indices")
@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
         class_names, seen, calibrate = eval_classes(model.cfg, dataset)
         text = resolve_text(model, raw, class_names, path=args.text_embeddings, templates=args.templates,
                             dataset=dataset, clip_pretrained=text_weights)
-        dtype = autocast_dtype(args.precision, info.device)
+        dtype = AUTOCAST_DTYPES[args.precision]  # asked for explicitly: honoured on the CPU too, like predict
         metrics = evaluate_model(
             model, text, dataset=dataset, root=args.data_root, split=args.split, class_names=class_names, seen=seen,
             calibrate=calibrate, short_side=args.short_side, device=info.device, save_preds=args.save_preds,

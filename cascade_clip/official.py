@@ -78,6 +78,9 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping]) -> Dict[str, torch
         source = load_checkpoint_file(os.fspath(source))
     if not isinstance(source, Mapping):
         raise ValueError(f"expected a state dict, got {type(source).__name__}")
+    if str(source.get("format", "")).startswith("cascade-clip/"):  # checkpoint.FORMAT
+        raise ValueError("a checkpoint of this project, not an official one: load it with "
+                         "cascade_clip.checkpoint.load_model(path), or model.load_state_dict(checkpoint['model'])")
     if "state_dict" in source and isinstance(source["state_dict"], Mapping):
         source = source["state_dict"]
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in source.items()}
@@ -103,6 +106,12 @@ def convert_official_state_dict(
 
     prompts = converted.get("backbone.prompt_embeddings")
     expected_prompts = model_state["backbone.prompt_embeddings"].shape
+    if prompts is not None and prompts.shape != expected_prompts and prompts.shape[1] == expected_prompts[1]:
+        raise ValueError(
+            f"checkpoint prompts are {tuple(prompts.shape)}, the model's {tuple(expected_prompts)}: the same "
+            "prompt count at another width, so the checkpoint was trained on another CLIP architecture "
+            "(ModelConfig clip_model; the official checkpoints: ViT-B-16)"
+        )
     if prompts is not None and prompts.shape != expected_prompts:
         raise ValueError(
             f"checkpoint has {prompts.shape[1]} prompt tokens but the model has {expected_prompts[1]}: "

@@ -24,6 +24,8 @@ from typing import List, Tuple
 
 from .embed_text import add_text_arguments
 
+OFFICIAL_CROP, OFFICIAL_STRIDE = 512, 426  # the official sliding windows
+
 SUMMARY_CLASSES = 6  # classes listed per image on the console (all of them go to --json)
 
 
@@ -32,6 +34,7 @@ def _override(text: str) -> Tuple[str, object]:
     field, sep, value = text.partition("=")
     if not sep or not field.strip():
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    field = field.strip().removeprefix("model.")  # eval's spelling (model.crop_size) works here too
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("inference")
     group.add_argument("--short-side", type=int, default=512, help="test-time short side (official 512; 0 = keep)")
     group.add_argument("--crop-size", type=int, help="sliding-window crop (default: the checkpoint's, 512)")
-    group.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's, 426)")
+    group.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's, 426; with "
+                       "--crop-size: 426/512 of it)")
     group.add_argument("--seen", help="comma-separated class names to calibrate (default: the checkpoint's seen ones)")
     group.add_argument("--no-calibration", action="store_true", help="no seen-class calibration")
     group.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="FIELD=VALUE",
@@ -117,18 +121,22 @@ def build_segmenter(args: argparse.Namespace):
 
     classes = parse_classes(args.classes)
     cache_dir = None if args.no_cache else args.cache_dir
+    if args.seen is not None and args.no_calibration:
+        raise ValueError("--seen chooses the classes to calibrate and --no-calibration turns calibration off: pass one")
+    # a --crop-size without --stride keeps the official overlap (stride 426 of crop 512)
+    stride = args.stride or (max(1, args.crop_size * OFFICIAL_STRIDE // OFFICIAL_CROP) if args.crop_size else None)
     if args.training_free:
         return Segmenter.training_free(
             args.clip_weights, classes, clip_model=args.clip_model, text_embeddings=args.text_embeddings,
             templates=args.templates or "multi", temperature=args.temperature, short_side=args.short_side,
-            crop_size=args.crop_size or 512, stride=args.stride or 426, device=args.device, cache_dir=cache_dir,
-            precision=args.precision, quick_gelu=not args.no_quick_gelu,
+            crop_size=args.crop_size or OFFICIAL_CROP, stride=stride or OFFICIAL_STRIDE, device=args.device,
+            cache_dir=cache_dir, precision=args.precision, quick_gelu=not args.no_quick_gelu,
         )
     overrides = dict(args.overrides)
     if args.crop_size:
         overrides["crop_size"] = args.crop_size
-    if args.stride:
-        overrides["stride"] = args.stride
+    if stride:
+        overrides["stride"] = stride
     if args.no_quick_gelu:
         overrides["quick_gelu"] = False
     seen = None if args.seen is None else [s for s in args.seen.split(",") if s.strip()]

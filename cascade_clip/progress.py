@@ -1,4 +1,5 @@
-"""A progress display for batches: a tqdm bar on stderr when tqdm is installed, else one plain line per item."""
+"""A progress display for batches: a tqdm bar when stderr is a terminal and tqdm is installed, else one plain line per
+item (a log file gets lines, not carriage-return bars)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class Progress:
         self._total = total
         self._desc = desc
         self._bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
             except ImportError:

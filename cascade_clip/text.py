@@ -44,9 +44,10 @@ def check_class_names(class_names: Sequence[str]) -> list:
         raise ValueError("the class list is empty")
     if any(not n for n in names):
         raise ValueError(f"empty class name in {list(class_names)}")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    folded = [n.casefold() for n in names]  # CLIP's tokenizer lower-cases: "Sky" and "sky" are one class
+    duplicates = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
     if duplicates:
-        raise ValueError(f"duplicate class names: {duplicates}")
+        raise ValueError(f"duplicate class names (compared without case): {duplicates}")
     return names
 
 

@@ -132,8 +132,9 @@ class Logger:
 
 
 def _keep_records_until(path: str, iteration: int) -> None:
-    """Drop the records of ``path`` (JSONL) logged after ``iteration``, atomically: a resumed run logs those
-    iterations again, and a fresh run (``iteration`` 0) starts an empty file instead of appending to an old run's."""
+    """Drop the records of ``path`` (JSONL) logged after ``iteration``, and the final evaluation, atomically: a resumed
+    run logs those iterations and its final evaluation again (also when it resumes at its last iteration), and a
+    fresh run (``iteration`` 0) starts an empty file instead of appending to an old run's."""
     if not os.path.isfile(path):
         return
     kept = []
@@ -141,10 +142,11 @@ def _keep_records_until(path: str, iteration: int) -> None:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    logged = json.loads(line).get("iter", 0)
+                    record = json.loads(line)
+                    logged = record.get("iter", 0)
                 except (ValueError, AttributeError):
                     continue  # a line a killed run left half-written
-                if isinstance(logged, int) and logged <= iteration:
+                if isinstance(logged, int) and logged <= iteration and record.get("eval") != "after training":
                     kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

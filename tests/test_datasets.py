@@ -50,6 +50,12 @@ def voc_root(tmp_path):
     return tmp_path
 
 
+def test_voc_without_segmentation_class_aug_says_how_to_train(voc_root):
+    os.unlink(voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/aug.txt")
+    with pytest.raises(ValueError, match=r"aug.txt.*--set data.train_split=train"):
+        build_dataset("voc", str(voc_root), "train+aug", num_classes=20)
+
+
 def test_voc_palette_indices_and_reduce_zero_label(voc_root):
     data = build_dataset("voc", str(voc_root), "train", num_classes=20)
     sample = data[0]

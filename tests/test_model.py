@@ -181,6 +181,19 @@ def test_checkpoint_errors_list_the_keys(tmp_path):
         model.load_official_state_dict(str(bad))
 
 
+def test_checkpoint_of_another_architecture_or_format_is_named(tmp_path):
+    wide = dict(CascadeCLIP(tiny_config()).official_state_dict())
+    wide["backbone.prompt_embeddings"] = torch.zeros(1, 4, 768)  # the tiny model's 4 tokens at ViT-B/16's width
+    with pytest.raises(ValueError, match=r"\(1, 4, 768\), the model's \(1, 4, 192\).*another CLIP architecture"):
+        CascadeCLIP(tiny_config()).load_official_state_dict(wide)
+    from cascade_clip.checkpoint import save_model_checkpoint
+
+    ours = str(tmp_path / "ours.pt")
+    save_model_checkpoint(ours, CascadeCLIP(tiny_config()))
+    with pytest.raises(ValueError, match="a checkpoint of this project, not an official one: .*load_model"):
+        CascadeCLIP(tiny_config()).load_official_state_dict(ours)
+
+
 def test_checkpoint_of_another_prompt_count_is_named():
     coco_like = CascadeCLIP(tiny_config(num_prompt_tokens=6)).official_state_dict()
     with pytest.raises(ValueError, match="6 prompt tokens but the model has 4"):

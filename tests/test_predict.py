@@ -172,7 +172,10 @@ def test_calibration_follows_the_checkpoint_seen_classes(setup):
     "args, message",
     [(["--classes", "cat,cat"], "duplicate class names"),
      (["--classes", CLASSES, "--set", "decoder_ffn_dim=128"], "does not match the model configuration"),
-     (["--classes", CLASSES, "--set", "no_such_field=1"], "no_such_field")],
+     (["--classes", CLASSES, "--set", "no_such_field=1"], "no_such_field"),
+     (["--classes", "VOC"], "the presets are voc, context, coco (lower case)"),
+     (["--classes", "sky,Sky"], "duplicate class names (compared without case)"),
+     (["--classes", CLASSES, "--seen", "cat", "--no-calibration"], "pass one")],
 )
 def test_setup_errors_are_clear(setup, tmp_path, capsys, args, message):
     root, ckpt, _, images = setup
@@ -184,6 +187,26 @@ def test_setup_errors_are_clear(setup, tmp_path, capsys, args, message):
     assert message in err
     if "configuration" in message:
         assert ckpt in err  # names the file
+
+
+def test_crop_size_alone_keeps_the_official_overlap_and_model_prefix(setup):
+    """--crop-size without --stride takes 426/512 of it (the checkpoint's 48 would exceed a 32 crop); eval's
+    `--set model.FIELD=VALUE` spelling works in predict too."""
+    from cascade_clip.predict import build_parser, build_segmenter
+
+    root, ckpt, _, _ = setup
+    args = build_parser().parse_args(["--checkpoint", ckpt, "--classes", CLASSES, "--crop-size", "32", "--no-cache",
+                                      "--set", "model.decoder_dropout=0.0", str(root), "--out", str(root / "o")])
+    seg = build_segmenter(args)
+    assert (seg.model.cfg.crop_size, seg.model.cfg.stride, seg.model.cfg.decoder_dropout) == (32, 26, 0.0)
+
+
+def test_class_file_with_a_byte_order_mark(tmp_path):
+    from cascade_clip.class_list import parse_classes
+
+    path = tmp_path / "classes.txt"
+    path.write_bytes("sky\nroad\n".encode("utf-8-sig"))
+    assert parse_classes(str(path)).names == ("sky", "road")
 
 
 def test_text_embeddings_file_rows_must_match_classes(setup, tmp_path, capsys):
@@ -228,3 +251,12 @@ def test_exif_rotated_photo_is_segmented_upright(setup, tmp_path):
     out = tmp_path / "out"
     run_predict(setup, str(photo), "--out", str(out))
     assert Image.open(out / "photo.png").size == (40, 70)  # (width, height) as displayed
+
+
+def test_progress_off_a_terminal_prints_lines(capsys):
+    """A log file gets one line per item, not tqdm's carriage-return bars."""
+    from cascade_clip.progress import Progress
+
+    assert list(Progress(["a.jpg", "b.jpg"], total=2, desc="predict")) == ["a.jpg", "b.jpg"]
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["[1/2] a.jpg", "[2/2] b.jpg"] and "\r" not in err

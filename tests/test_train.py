@@ -256,6 +256,11 @@ def test_kill_9_then_resume_equals_uninterrupted(data_root, tmp_path):
     for work in (whole, killed):
         losses = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
         assert [r["iter"] for r in losses if "loss" in r] == list(range(1, 9)), work
+    # resuming a finished run evaluates it again, in place of its earlier final evaluation (no duplicate)
+    train.main(args + ["--set", "train.eval_at_end=true", "--resume", "auto"])
+    train.main(args + ["--set", "train.eval_at_end=true", "--resume", "auto"])
+    records = [json.loads(line) for line in open(os.path.join(killed, "metrics.jsonl"))]
+    assert [r["iter"] for r in records if r.get("eval") == "after training"] == [8]
 
     # a checkpoint written by another number of processes is refused (batch and sample order would change)
     state = torch.load(os.path.join(killed, "iter_4.pt"), weights_only=False)
