@@ -33,7 +33,7 @@ import torch
 
 from . import distributed
 from .clip_arch import TINY_MODEL_NAME
-from .train_config import PRESETS, Config, autocast_dtype, resolve, torch_compile_mode
+from .train_config import AUTOCAST_DTYPES, PRESETS, Config, autocast_dtype, resolve, torch_compile_mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,7 +313,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                 model, text, dataset=cfg.data.dataset, root=cfg.data.root, split=cfg.data.val_split,
                 class_names=list(mcfg.class_names), seen=list(mcfg.seen), calibrate=list(mcfg.seen),
                 short_side=cfg.eval.short_side, device=device, num_workers=min(cfg.data.num_workers, 2),
-                autocast_dtype=autocast_dtype(cfg.eval.precision, device), dist_info=info, progress=True,
+                autocast_dtype=AUTOCAST_DTYPES[cfg.eval.precision], dist_info=info, progress=True,
             )
             if info.is_main:
                 say(f"--- evaluation {tag} ({cfg.data.val_split}) ---\n{metrics.table(mcfg.seen)}")

@@ -101,8 +101,9 @@ class TrainSection:
 class EvalSection:
     short_side: int = 512  # test scale: short side resized to this (official Resize min_size=512 in (2048, 512))
     save_preds: Optional[str] = None
-    # autocast of the evaluations inside `train` on a GPU: fp32 (official; the same numbers as `cascade-clip eval`,
-    # whose --precision defaults to fp32 too), bf16 or fp16. Training precision does not carry over.
+    # autocast of the evaluations inside `train` (GPU or CPU, as `cascade-clip eval --precision`): fp32 (official; the
+    # same numbers as `cascade-clip eval`, whose --precision defaults to fp32 too), bf16 or fp16. Training precision
+    # does not carry over.
     precision: str = "fp32"
 
 
