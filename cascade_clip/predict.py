@@ -135,7 +135,7 @@ def build_segmenter(args: argparse.Namespace):
     overrides = dict(args.overrides)
     if args.crop_size:
         overrides["crop_size"] = args.crop_size
-    if stride:
+    if args.stride or (stride and "stride" not in overrides):  # --stride, else --set stride=, else the default
         overrides["stride"] = stride
     if args.no_quick_gelu:
         overrides["quick_gelu"] = False

@@ -24,10 +24,16 @@ def _numpy_globals() -> List[Any]:
     classes (mmcv's meta can hold scalars, e.g. an EvalHook's best score)."""
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
     dtype_classes = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDGSUV"]
-    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+    found = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtype_classes]
+    # files pickled under numpy 1 name the same functions numpy.core.multiarray.*: allowed under both names
+    aliases = [(fn, f"numpy.core.multiarray.{fn.__name__}") for fn in (core.multiarray._reconstruct,
+                                                                      core.multiarray.scalar)]
+    return found + aliases
 
 
 def _qualified_name(obj: Any) -> str:
+    if isinstance(obj, tuple):  # (object, the name a file may use for it)
+        return obj[1]
     return f"{obj.__module__}.{obj.__qualname__}"
 
 

@@ -62,7 +62,7 @@ class Logger:
             return
         os.makedirs(cfg.train.work_dir, exist_ok=True)
         path = os.path.join(cfg.train.work_dir, "metrics.jsonl")
-        _keep_records_until(path, start)
+        _keep_records_until(path, start, drop_final_eval=cfg.train.eval_at_end)
         self.jsonl = open(path, "a", encoding="utf-8")
         if cfg.train.tensorboard:
             try:
@@ -131,10 +131,11 @@ class Logger:
             self.tb.close()
 
 
-def _keep_records_until(path: str, iteration: int) -> None:
-    """Drop the records of ``path`` (JSONL) logged after ``iteration``, and the final evaluation, atomically: a resumed
-    run logs those iterations and its final evaluation again (also when it resumes at its last iteration), and a
-    fresh run (``iteration`` 0) starts an empty file instead of appending to an old run's."""
+def _keep_records_until(path: str, iteration: int, drop_final_eval: bool) -> None:
+    """Drop the records of ``path`` (JSONL) logged after ``iteration`` (and the final evaluation when
+    ``drop_final_eval``), atomically: a resumed run logs those iterations and, if it evaluates at the end, its final
+    evaluation again (also when it resumes at its last iteration); a fresh run (``iteration`` 0) starts an empty
+    file instead of appending to an old run's."""
     if not os.path.isfile(path):
         return
     kept = []
@@ -146,7 +147,8 @@ def _keep_records_until(path: str, iteration: int) -> None:
                     logged = record.get("iter", 0)
                 except (ValueError, AttributeError):
                     continue  # a line a killed run left half-written
-                if isinstance(logged, int) and logged <= iteration and record.get("eval") != "after training":
+                final_eval = record.get("eval") == "after training"
+                if isinstance(logged, int) and logged <= iteration and not (final_eval and drop_final_eval):
                     kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

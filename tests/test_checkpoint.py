@@ -208,3 +208,21 @@ def test_checkpoints_are_read_without_running_code(tmp_path, monkeypatch):
     monkeypatch.delenv(TRUST_VARIABLE)
     with pytest.raises(ValueError, match="garbage.pt: cannot read as a PyTorch checkpoint"):
         load_checkpoint_file(str(garbage))
+
+
+def test_numpy_objects_pickled_under_numpy_1_load(tmp_path):
+    """mmcv-era files name numpy's reconstructors numpy.core.multiarray.* (numpy 2: numpy._core): both are allowed."""
+    import io
+
+    import numpy as np
+
+    from cascade_clip.safe_load import load_checkpoint_file
+
+    buf = io.BytesIO()  # the legacy (non-zip) format keeps the pickle as plain bytes, so the module name can be edited
+    torch.save({"meta": {"best": np.float64(0.5), "arr": np.arange(3)}}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    assert b"numpy._core.multiarray" in data
+    path = tmp_path / "numpy1.pth"
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    meta = load_checkpoint_file(str(path))["meta"]
+    assert meta["best"] == 0.5 and meta["arr"].tolist() == [0, 1, 2]

@@ -199,6 +199,10 @@ def test_crop_size_alone_keeps_the_official_overlap_and_model_prefix(setup):
                                       "--set", "model.decoder_dropout=0.0", str(root), "--out", str(root / "o")])
     seg = build_segmenter(args)
     assert (seg.model.cfg.crop_size, seg.model.cfg.stride, seg.model.cfg.decoder_dropout) == (32, 26, 0.0)
+    for explicit in (["--set", "stride=20"], ["--set", "model.stride=20"], ["--stride", "20"]):  # an explicit stride wins
+        args = build_parser().parse_args(["--checkpoint", ckpt, "--classes", CLASSES, "--crop-size", "32",
+                                          "--no-cache", *explicit, str(root), "--out", str(root / "o")])
+        assert build_segmenter(args).model.cfg.stride == 20, explicit
 
 
 def test_class_file_with_a_byte_order_mark(tmp_path):

@@ -261,6 +261,9 @@ def test_kill_9_then_resume_equals_uninterrupted(data_root, tmp_path):
     train.main(args + ["--set", "train.eval_at_end=true", "--resume", "auto"])
     records = [json.loads(line) for line in open(os.path.join(killed, "metrics.jsonl"))]
     assert [r["iter"] for r in records if r.get("eval") == "after training"] == [8]
+    train.main(args + ["--resume", "auto"])  # without a final evaluation: the earlier one is kept
+    records = [json.loads(line) for line in open(os.path.join(killed, "metrics.jsonl"))]
+    assert [r["iter"] for r in records if r.get("eval") == "after training"] == [8]
 
     # a checkpoint written by another number of processes is refused (batch and sample order would change)
     state = torch.load(os.path.join(killed, "iter_4.pt"), weights_only=False)
@@ -507,5 +510,8 @@ def test_training_without_clip_weights_warns(data_root, tmp_path, monkeypatch):
 def test_backend_that_cannot_run_on_the_device_is_named():
     from cascade_clip import ops
 
+    if "cpp" not in ops.available_backends():
+        pytest.skip("the C++ extension is not built")
+    assert ops.resolve("reference", torch.device("mps")).name == "reference"  # plain PyTorch runs anywhere
     with pytest.raises(ValueError, match="'cpp' ops backend runs on cpu tensors, these are on cuda"):
         ops.resolve("cpp", torch.device("cuda"))

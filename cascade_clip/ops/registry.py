@@ -128,10 +128,16 @@ def get_backend() -> str:
     return _default
 
 
+def _runs_on(backend: Backend, device: torch.device) -> bool:
+    # the reference backend is plain PyTorch: any device (its `devices` only guide "auto")
+    return backend.name == "reference" or device.type in backend.devices
+
+
 def _wrong_device(backend: Backend, device: torch.device) -> str:
     hint = " (Triton runs CPU tensors only under its interpreter, TRITON_INTERPRET=1)" if backend.name == "triton" else ""
+    others = " or ".join(repr(n) for n in ("cpp", "reference") if n != backend.name)
     return (f"the {backend.name!r} ops backend runs on {' and '.join(backend.devices)} tensors, these are on "
-            f"{device.type}{hint}; use the 'auto' backend (the fastest one for the device), 'cpp' or 'reference'")
+            f"{device.type}{hint}; use the 'auto' backend (the fastest one for the device) or {others}")
 
 
 def resolve(name: Optional[str], device: torch.device) -> Backend:
@@ -141,13 +147,13 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     # fast path (every op call goes through here): a loaded backend by name, or the cached choice of "auto"
     loaded = _backends.get(name) if name != AUTO else _auto_choice.get(device.type)
     if loaded is not None:
-        if name == AUTO or device.type in loaded.devices:
+        if name == AUTO or _runs_on(loaded, device):
             return loaded
         raise ValueError(_wrong_device(loaded, device))
     name = _check_name(name)
     if name != AUTO:
         backend = _backends[name] if name in _backends else _try_load(name)
-        if device.type not in backend.devices:
+        if not _runs_on(backend, device):
             raise ValueError(_wrong_device(backend, device))
         return backend
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
