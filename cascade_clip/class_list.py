@@ -52,12 +52,12 @@ def parse_classes(spec: Union[str, Sequence[str]]) -> ClassList:
     text = spec.strip()
     if text in DATASET_NAMES:
         return ClassList(dataset_info(text).classes, text)
-    if text.lower() in DATASET_NAMES:  # "VOC" is the preset, not one class called VOC
-        raise ValueError(f"--classes {text!r}: the presets are {', '.join(DATASET_NAMES)} (lower case); for a class "
-                         f"of that name add another class")
     if os.path.isfile(text):
         names = check_class_names(_read_class_file(text))
         return ClassList(tuple(names), matching_preset(names))
+    if text.lower() in DATASET_NAMES:  # "VOC" is the preset, not one class called VOC
+        raise ValueError(f"--classes {text!r}: the presets are {', '.join(DATASET_NAMES)} (lower case); for a class "
+                         f"of that name add another class")
     if text.endswith(".txt") or os.sep in text:
         # Looks like a path but is not a file: saying so beats segmenting a class called "clases.txt".
         raise ValueError(f"class file not found: {text}")
