@@ -12,12 +12,25 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 
+# One deadline for the whole device call (both scripts, ~600 s): the first script (gpu_check.sh sets
+# GPU_RUN_FIRST=1) writes it to a file outside OUT (which comes back whole), the second reads it while it lies ahead.
+# Every step's timeout is capped by it, so a slow early step shortens the later ones instead of losing the call.
+DEADLINE_FILE="${TMPDIR:-/tmp}/cascade-clip-deadline-$(printf %s "$OUT" | cksum | cut -d' ' -f1)"
+if [ "${GPU_RUN_FIRST:-0}" = 1 ] || [ ! -f "$DEADLINE_FILE" ] || [ "$(cat "$DEADLINE_FILE")" -le "$START" ]; then
+    echo $(( START + ${GPU_RUN_BUDGET_S:-580} )) >"$DEADLINE_FILE"
+fi
+DEADLINE=$(cat "$DEADLINE_FILE")
+
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
-# step NAME TIMEOUT_S LOGFILE CMD...: run CMD under timeout, output to LOGFILE, record status, never abort the script
+# step NAME TIMEOUT_S LOGFILE CMD...: run CMD under timeout (capped by the deadline), output to LOGFILE, record
+# status, never abort the script
 step() {
     local name=$1 limit=$2 logfile=$3
     shift 3
+    local remaining=$(( DEADLINE - $(date +%s) - 15 ))  # kill-after and the final log lines
+    if [ "$remaining" -lt "$limit" ]; then limit=$remaining; fi
+    if [ "$limit" -lt 5 ]; then log "step '$name' SKIPPED: the device call's deadline is near"; return 0; fi
     log "step '$name' (timeout ${limit}s): $*"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$logfile" 2>&1
     local rc=$?

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import signal
 import statistics
 import sys
 import time
@@ -33,7 +34,9 @@ import torch.nn.functional as F
 
 import cascade_clip.head
 from cascade_clip import CascadeCLIP, ModelConfig, ops
+from cascade_clip.accumulation import AccumulatedNormalizer
 from cascade_clip.decoder import run_each_stage, run_stages
+from cascade_clip.loss import loss_terms, normalized_loss
 from cascade_clip.schedule import build_optimizer
 from cascade_clip.train_config import COMPILE_MODES, OptimConfig, torch_compile_mode
 
@@ -80,6 +83,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM from `timeout`): the rows timed so far are still written."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+def train_loss(model, out, labels):
+    """The loss as ``cascade_clip.train`` computes it: no per-step label check (a host-device sync), the official
+    normalisation through the accumulation normaliser (one micro-batch)."""
+    cfg = model.cfg
+    terms = loss_terms(out["mask_logits"], labels, ignore_pixels=cfg.loss_ignores_ignore_pixels, validate_labels=False)
+    divisor = AccumulatedNormalizer().add(terms["masks"])
+    return normalized_loss(terms, divisor, focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight)["loss"]
+
+
 def run_steps(net, model, optimizer, images, text, labels, *, precision: str, steps: int, device: torch.device):
     """Seconds of each of ``steps`` training steps (forward through ``net``, the official loss, backward, AdamW)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -88,7 +108,7 @@ def run_steps(net, model, optimizer, images, text, labels, *, precision: str, st
         synchronize(device)
         start = time.perf_counter()
         with autocast:
-            loss = model.loss(net(images, text), labels)["loss"]
+            loss = train_loss(model, net(images, text), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -155,33 +175,39 @@ def main(argv=None) -> None:
     # each gets its own graphs
     configs = [(p, b, m, v) for p in args.precisions.split(",") for b in backends for m in modes for v in variants]
     nets, peaks = {}, {}
-    for config in configs:  # warm-up (and compile) each configuration, recording peak memory
-        precision, backend, mode, variant = config
-        ops.set_backend(backend)
-        net = model if mode == "none" else torch.compile(model, mode=torch_compile_mode(mode))
-        nets[config] = net
-        for optimizer in by_kernel.values():  # peak memory with this configuration's optimiser state only
-            if optimizer is not optimizers[variant]:
-                optimizer.state.clear()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        with variant_model(model, variant):
-            run_steps(net, model, optimizers[variant], images, text, labels, precision=precision, steps=args.warmup,
-                      device=device)
-        peaks[config] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     times = {c: [] for c in configs}
-    for _ in range(args.rounds):
-        for config in configs:
-            precision, backend, _mode, variant = config
+    signal.signal(signal.SIGTERM, _stop)  # a step limit (timeout) still leaves the rows timed so far
+    try:
+        for config in configs:  # warm-up (and compile) each configuration, recording peak memory
+            precision, backend, mode, variant = config
             ops.set_backend(backend)
+            net = model if mode == "none" else torch.compile(model, mode=torch_compile_mode(mode))
+            nets[config] = net
+            for optimizer in by_kernel.values():  # peak memory with this configuration's optimiser state only
+                if optimizer is not optimizers[variant]:
+                    optimizer.state.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             with variant_model(model, variant):
-                times[config] += run_steps(nets[config], model, optimizers[variant], images, text, labels,
-                                           precision=precision, steps=args.iters, device=device)
+                run_steps(net, model, optimizers[variant], images, text, labels, precision=precision,
+                          steps=args.warmup, device=device)
+            peaks[config] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        for _ in range(args.rounds):
+            for config in configs:
+                precision, backend, _mode, variant = config
+                ops.set_backend(backend)
+                with variant_model(model, variant):
+                    times[config] += run_steps(nets[config], model, optimizers[variant], images, text, labels,
+                                               precision=precision, steps=args.iters, device=device)
+    except Stopped:
+        print("# stopped (SIGTERM): writing the configurations timed so far", flush=True)
     ops.set_backend("auto")
 
     rows = []
     run = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # ratios only within one run
     for config in configs:
+        if not times[config]:
+            continue
         precision, backend, mode, variant = config
         step = statistics.median(times[config])
         row = dict(

@@ -360,14 +360,15 @@ def test_first_use_inside_compile_is_named():
     import subprocess
     import sys
 
-    code = (
+    code = (  # CUDA tensors where there is a GPU (the compiled kernels take no CPU tensors outside the interpreter)
         "import torch\n"
         "from cascade_clip import ops\n"
-        "f = torch.compile(lambda x: ops.nga(x, torch.ones(x.shape[:2]), backend='triton'), fullgraph=True,"
-        " backend='eager')\n"
-        "try:\n    f(torch.randn(2, 3, 1, 4, 16))\nexcept Exception as e:\n    print(e)\n"
+        f"dev = '{DEVICE}'\n"
+        "f = torch.compile(lambda x: ops.nga(x, torch.ones(x.shape[:2], device=x.device), backend='triton'),"
+        " fullgraph=True, backend='eager')\n"
+        "try:\n    f(torch.randn(2, 3, 1, 4, 16, device=dev))\nexcept Exception as e:\n    print(e)\n"
         "ops.available_backends()\n"
-        "print('after loading:', tuple(f(torch.randn(2, 3, 1, 4, 16)).shape))\n"
+        "print('after loading:', tuple(f(torch.randn(2, 3, 1, 4, 16, device=dev)).shape))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "first used inside torch.compile" in proc.stdout and "available_backends()" in proc.stdout, proc.stderr[-2000:]
