@@ -204,8 +204,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
     try:
         ops.set_backend(cfg.train.kernels)
         work_dir = cfg.train.work_dir
-        if info.is_main:
-            os.makedirs(work_dir, exist_ok=True)
+        if info.is_main:  # the folder itself is made once the inputs are known to be good (Logger)
             clean_stale_temporaries(work_dir)
         # rank 0 decides which checkpoint (`auto` finds the latest one): every rank then resumes from the same file,
         # or every rank stops with rank 0's reason

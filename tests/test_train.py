@@ -323,6 +323,11 @@ def test_bad_input_leaves_an_existing_run_untouched(data_root, tmp_path):
     with pytest.raises(ValueError, match="missing"):
         train.main(["--config", "voc", *sum((["--set", o] for o in bad), [])])
     assert {name: (work / name).read_text() for name in before} == before
+    fresh = tmp_path / "never_made"
+    with pytest.raises(ValueError, match="missing"):
+        train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(str(tmp_path / "missing"),
+                                                                                  str(fresh), iters=5)), [])])
+    assert not fresh.exists()  # no empty work dir left behind either
 
 
 def test_text_embedding_file_shape_mismatch(data_root, tmp_path):
