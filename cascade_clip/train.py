@@ -286,7 +286,8 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start = int(state["iteration"])
-            set_rng_state(state["rng"][info.rank])  # one state per rank; the process count was checked above
+            if state.get("rng"):  # one state per rank; the process count was checked above
+                set_rng_state(state["rng"][info.rank])
             say(f"resumed from {resume_path} at iteration {start}")
 
         net = model
