@@ -47,6 +47,16 @@ def save_atomic(path: str, payload: Mapping[str, Any]) -> None:
         raise
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: never half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_model_checkpoint(path: str, model, **extra: Any) -> None:
     """Write ``model`` (unwrapped from DDP/compile) and its config in this project's format, plus ``extra`` entries."""
     model = getattr(model, "module", model)

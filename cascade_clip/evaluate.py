@@ -31,6 +31,7 @@ from PIL import Image
 
 from . import distributed
 from .catalog import DATASET_NAMES, dataset_info
+from .checkpoint import write_text_atomic
 from .datasets import build_dataset
 from .metrics import SegMetrics, compute_metrics, update_confusion
 from .train_config import AUTOCAST_DTYPES
@@ -237,12 +238,7 @@ def main(argv=None) -> dict:
         if info.is_main:
             print(metrics.table(seen))
             if args.out:
-                directory = os.path.dirname(os.path.abspath(args.out))
-                os.makedirs(directory, exist_ok=True)
-                tmp = args.out + ".tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(result, f, indent=2)
-                os.replace(tmp, args.out)
+                write_text_atomic(args.out, json.dumps(result, indent=2))
         return result
     finally:
         distributed.cleanup()

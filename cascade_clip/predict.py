@@ -22,9 +22,10 @@ import sys
 import time
 from typing import List, Tuple
 
+from .config import ModelConfig
 from .embed_text import add_text_arguments
 
-OFFICIAL_CROP, OFFICIAL_STRIDE = 512, 426  # the official sliding windows
+OFFICIAL_CROP, OFFICIAL_STRIDE = ModelConfig.crop_size, ModelConfig.stride  # the official sliding windows
 
 SUMMARY_CLASSES = 6  # classes listed per image on the console (all of them go to --json)
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import distributed
+from .checkpoint import write_text_atomic
 from .clip_arch import TINY_MODEL_NAME
 from .train_config import AUTOCAST_DTYPES, PRESETS, Config, autocast_dtype, resolve, torch_compile_mode
 
@@ -150,19 +151,7 @@ def _keep_records_until(path: str, iteration: int, drop_final_eval: bool) -> Non
                 final_eval = record.get("eval") == "after training"
                 if isinstance(logged, int) and logged <= iteration and not (final_eval and drop_final_eval):
                     kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
-def _write_config(work_dir: str, cfg: Config) -> None:
-    """``WORK_DIR/config.json``, atomically (a crash never leaves half a file over a previous run's config)."""
-    path = os.path.join(work_dir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(cfg.to_json())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def load_weights(model, path: str) -> str:
@@ -269,7 +258,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         logger = Logger(cfg, info.is_main, cfg.train.iters, state["iteration"] if state else 0)
         say = log or logger.print
         if info.is_main:
-            _write_config(work_dir, cfg)
+            write_text_atomic(os.path.join(work_dir, "config.json"), cfg.to_json())
             if load_from and not state:
                 say(loaded_report)
 

@@ -67,11 +67,12 @@ def _point_latest(work_dir: str, target: str) -> None:
     os.replace(tmp, os.path.join(work_dir, LATEST))
 
 
-def iteration_checkpoints(work_dir: str) -> List[str]:
+def iteration_checkpoints(work_dir: str, up_to: Optional[int] = None) -> List[str]:
+    """``iter_<N>.pt`` files of ``work_dir`` by increasing N (only N <= ``up_to`` when given)."""
     found = []
     for path in glob.glob(os.path.join(work_dir, "iter_*.pt")):
         match = re.fullmatch(r"iter_(\d+)\.pt", os.path.basename(path))
-        if match:
+        if match and (up_to is None or int(match.group(1)) <= up_to):
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
 
@@ -85,9 +86,7 @@ def save_training_checkpoint(work_dir: str, iteration: int, model, *, keep: int 
     save_model_checkpoint(path, model, iteration=iteration, **state)
     _point_latest(work_dir, path)
     if keep > 0:
-        ours = [p for p in iteration_checkpoints(work_dir)
-                if int(re.fullmatch(r"iter_(\d+)\.pt", os.path.basename(p)).group(1)) <= iteration]
-        for old in ours[:-keep]:
+        for old in iteration_checkpoints(work_dir, up_to=iteration)[:-keep]:
             os.unlink(old)
     return path
 

@@ -79,13 +79,19 @@ def test_second_run_is_a_cache_hit(clip_file, tmp_path, monkeypatch):
         run(tmp_path, "--classes", "cat,dog", "--clip-weights", path, "--no-cache")
 
 
+def official_text_checkpoint(model, path, prompt_tokens):
+    """An official-layout checkpoint holding ``model``'s text tower (text_encoder.*) and a prompt tensor whose token
+    count names the dataset (VOC 10, Context 35, COCO 50)."""
+    official = {"text_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    official["backbone.prompt_embeddings"] = torch.zeros(1, prompt_tokens, 192)
+    torch.save({"meta": {}, "state_dict": official}, path)
+    return str(path)
+
+
 def test_official_checkpoint_text_encoder(clip_file, tmp_path):
     path, model = clip_file
-    official = {"text_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-    official["backbone.prompt_embeddings"] = torch.zeros(1, 10, 192)
-    ckpt = tmp_path / "official.pth"
-    torch.save({"meta": {}, "state_dict": official}, ckpt)
-    from_ckpt = run(tmp_path, "--classes", "cat,sky", "--checkpoint", str(ckpt))
+    ckpt = official_text_checkpoint(model, tmp_path / "official.pth", 10)
+    from_ckpt = run(tmp_path, "--classes", "cat,sky", "--checkpoint", ckpt)
     from_clip = run(tmp_path, "--classes", "cat,sky", "--clip-weights", path)
     np.testing.assert_allclose(from_ckpt, from_clip, rtol=1e-5, atol=1e-6)
 
@@ -110,11 +116,8 @@ def test_no_text_weights_is_an_error(tmp_path, capsys):
 def test_official_checkpoint_gets_its_dataset_templates(clip_file, tmp_path):
     """An official COCO checkpoint (50 prompt tokens) embeds with COCO's official templates (multi), as predict does."""
     _, model = clip_file
-    official = {"text_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-    official["backbone.prompt_embeddings"] = torch.zeros(1, 50, 192)
-    ckpt = tmp_path / "coco.pth"
-    torch.save({"meta": {}, "state_dict": official}, ckpt)
-    got = run(tmp_path, "--classes", "cat,sky", "--checkpoint", str(ckpt))
+    ckpt = official_text_checkpoint(model, tmp_path / "coco.pth", 50)
+    got = run(tmp_path, "--classes", "cat,sky", "--checkpoint", ckpt)
     expected = text_mod.encode_class_names(model, ["cat", "sky"], "multi", clip_model="cascade-tiny")
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -122,11 +125,8 @@ def test_official_checkpoint_gets_its_dataset_templates(clip_file, tmp_path):
 def test_checkpoint_of_no_known_dataset_with_explicit_templates(clip_file, tmp_path):
     """A text_encoder checkpoint whose prompt count names no dataset still embeds when the templates are given."""
     _, model = clip_file
-    official = {"text_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
-    official["backbone.prompt_embeddings"] = torch.zeros(1, 7, 192)
-    ckpt = tmp_path / "other.pth"
-    torch.save({"meta": {}, "state_dict": official}, ckpt)
-    got = run(tmp_path, "--classes", "cat,sky", "--checkpoint", str(ckpt), "--templates", "multi")
+    ckpt = official_text_checkpoint(model, tmp_path / "other.pth", 7)
+    got = run(tmp_path, "--classes", "cat,sky", "--checkpoint", ckpt, "--templates", "multi")
     expected = text_mod.encode_class_names(model, ["cat", "sky"], "multi", clip_model="cascade-tiny")
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
 
