@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .ops.first_order import first_order_only
+
 _load_error: Optional[str] = None  # why _C did not load (None: loaded or not tried yet)
 _loaded = False
 _warned = False
@@ -145,6 +147,7 @@ def _nga_setup(ctx, inputs, output):
     ctx.save_for_backward(feats, weights)
 
 
+@first_order_only("nga", "cpp")
 def _nga_bwd(ctx, grad):
     feats, weights = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
@@ -156,6 +159,7 @@ def _descriptor_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@first_order_only("descriptor", "cpp")
 def _descriptor_bwd(ctx, grad):
     mask = [bool(x) for x in ctx.needs_input_grad[:4]]
     grads = torch.ops.cascade_clip.descriptor_backward(grad, *ctx.saved_tensors, mask)
@@ -169,6 +173,7 @@ def _mask_logits_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, output[1])
 
 
+@first_order_only("mask_logits", "cpp")
 def _mask_logits_bwd(ctx, grad, _grad_rk):
     q, k, scale, rk = ctx.saved_tensors
     mask = [bool(x) for x in ctx.needs_input_grad[:3]]

@@ -749,7 +749,8 @@ CC_MULTIVERSION void normalize_backward_range(const A* gh, const T* x, O* out, i
     const T* xrow = x + r * d;
     O* orow = out + r * d;
     const A norm = std::sqrt(sumsq_lanes<A>(xrow, d));
-    if (norm > static_cast<A>(kNormEps)) {
+    // a NaN norm takes this branch too: the row's gradient is NaN, as F.normalize's (not grad / eps)
+    if (!(norm <= static_cast<A>(kNormEps))) {
       const A inv = A(1) / norm;
       const A coef = dot_lanes(grow, xrow, d) * inv * inv * inv;
       for (int64_t j = 0; j < d; ++j) orow[j] = static_cast<O>(inv * grow[j] - coef * static_cast<A>(xrow[j]));

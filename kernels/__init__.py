@@ -17,6 +17,8 @@ def load_backend():
     except ImportError as exc:  # registry reports the reason and keeps the other backends
         raise ImportError(f"triton is not installed: {exc}") from exc
 
+    import torch
+
     from cascade_clip.ops.registry import Backend
 
     from .descriptor import descriptor
@@ -28,4 +30,6 @@ def load_backend():
     # compiled kernels need CUDA tensors; the interpreter runs them on CPU tensors (explicit backend="triton" only:
     # "auto" routes CPU tensors to the C++ backend)
     devices = ("cuda", "cpu") if is_interpreter() else ("cuda",)
-    return Backend("triton", nga, descriptor, mask_logits, devices=devices, loss_sums=loss_sums)
+    # the kernels accumulate in float32 and feed tl.dot 16/32-bit operands: float64 goes to the reference
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return Backend("triton", nga, descriptor, mask_logits, devices=devices, dtypes=dtypes, loss_sums=loss_sums)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .launch import autotune, block_size, cdiv, contiguous, dot_precision, next_power_of_2
+from ..ops.first_order import first_order_only
 
 # Tile caps of the launch heuristic (the interpreter's tiles, and the first candidates on a GPU): (C, e) tiles of
 # 64x64 with K-slices of 64 keep the fp32 accumulator at 16 registers/thread at 8 warps.
@@ -115,6 +116,7 @@ def _descriptor_fwd_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    OPERAND: tl.constexpr,  # dtype of the tl.dot operands formed in the kernel (see _operand_dtype)
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
@@ -127,7 +129,6 @@ def _descriptor_fwd_kernel(
     mask_c = offs_c < C
     mask_e = offs_e < E
     w_base = w_ptr + s * stride_ws
-    dtype = text_ptr.dtype.element_ty
 
     # text term: text @ W2.T + bias, once for all images
     acc_text = tl.zeros([BLOCK_C, BLOCK_E], dtype=tl.float32)
@@ -155,9 +156,9 @@ def _descriptor_fwd_kernel(
             t = tl.load(text_ptr + offs_c[:, None] * stride_tc + kk[None, :] * stride_td,
                         mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             gv = tl.load(g_ptr + b * stride_gb + kk * stride_gd, mask=mask_k, other=0.0).to(tl.float32)
-            x = (t * gv[None, :]).to(dtype)  # one slice of text * g[b]; the concat never exists
+            x = (t * gv[None, :]).to(OPERAND)  # one slice of text * g[b]; the concat never exists
             w1 = tl.load(w_base + offs_e[None, :] * stride_we + kk[:, None] * stride_wk,
-                         mask=mask_k[:, None] & mask_e[None, :], other=0.0)
+                         mask=mask_k[:, None] & mask_e[None, :], other=0.0).to(OPERAND)
             acc = tl.dot(x, w1, acc, input_precision=PRECISION)
         out_ptrs = out_ptr + s * stride_os + b * stride_ob + offs_c[:, None] * stride_oc + offs_e[None, :] * stride_oe
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_e[None, :])
@@ -184,6 +185,7 @@ def _descriptor_bwd_x_kernel(
     stride_ws, stride_we, stride_wk,  # weight (S, e, 2d)
     BLOCK_C: tl.constexpr,  # from the launcher, not tuned: it sizes the d g partials
     PRECISION: tl.constexpr,
+    OPERAND: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -200,7 +202,6 @@ def _descriptor_bwd_x_kernel(
     mask_c = offs_c < C
     mask_k = offs_k < D
     w_base = w_ptr + s * stride_ws
-    dtype = text_ptr.dtype.element_ty
 
     # text half: Gsum[s] @ W2[s], added by the first image group only
     acc_text = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
@@ -212,7 +213,7 @@ def _descriptor_bwd_x_kernel(
                      mask=mask_c[:, None] & mask_e[None, :], other=0.0)
         w2 = tl.load(w_base + ee[:, None] * stride_we + (D + offs_k)[None, :] * stride_wk,
                      mask=mask_e[:, None] & mask_k[None, :], other=0.0)
-        acc_text = tl.dot(gs.to(dtype), w2, acc_text, input_precision=PRECISION)
+        acc_text = tl.dot(gs.to(OPERAND), w2.to(OPERAND), acc_text, input_precision=PRECISION)
 
     t = tl.load(text_ptr + offs_c[:, None] * stride_tc + offs_k[None, :] * stride_td,
                 mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
@@ -259,6 +260,7 @@ def _descriptor_bwd_w_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    OPERAND: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
@@ -272,7 +274,6 @@ def _descriptor_bwd_w_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_e = offs_e < E
     mask_k = offs_k < D
-    dtype = text_ptr.dtype.element_ty
 
     acc = tl.zeros([BLOCK_E, BLOCK_K], dtype=tl.float32)
     if half == 0:
@@ -287,7 +288,7 @@ def _descriptor_bwd_w_kernel(
                              mask=mask_e[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_E, BLOCK_C)
                 t = tl.load(text_ptr + cc[:, None] * stride_tc + offs_k[None, :] * stride_td,
                             mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(gT, (t * gv[None, :]).to(dtype), acc, input_precision=PRECISION)
+                acc = tl.dot(gT.to(OPERAND), (t * gv[None, :]).to(OPERAND), acc, input_precision=PRECISION)
     else:
         # d W2[s] = Gsum[s].T @ text
         for c0 in range(0, C, BLOCK_C):
@@ -297,7 +298,7 @@ def _descriptor_bwd_w_kernel(
                           mask=mask_e[:, None] & mask_c[None, :], other=0.0)
             t = tl.load(text_ptr + cc[:, None] * stride_tc + offs_k[None, :] * stride_td,
                         mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(gsT.to(dtype), t, acc, input_precision=PRECISION)
+            acc = tl.dot(gsT.to(OPERAND), t.to(OPERAND), acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + s * E * 2 * D + offs_e[:, None] * (2 * D) + (half * D + offs_k)[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_e[:, None] & mask_k[None, :])
 
@@ -318,6 +319,14 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def _operand_dtype(compute: torch.dtype):
+    """The dtype of the ``tl.dot`` operands the kernels form themselves (``text * g[b]``, the image-summed gradient):
+    the compute dtype, except float32 for float16, whose range (65504) such products and sums leave long before the
+    reference (float32 throughout) does - fp16 loss scaling makes the gradient sum reach it. Their dots then run as
+    TF32, whose 10-bit mantissa is float16's; the operands loaded as stored stay float16."""
+    return {torch.float16: tl.float32, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[compute]
 
 
 def _blocks(C, E, D):
@@ -348,7 +357,10 @@ def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
     if out.numel() == 0:
         return out
     cd = _compute_dtype(text, g, weight)
-    text, g, weight, bias = (contiguous(t.to(cd)) for t in (text, g, weight, bias))
+    # the bias is read in its own dtype (the kernel adds it in float32): a float32 bias beside float16 operands may
+    # lie outside float16's range while the output does not
+    text, g, weight = (contiguous(t.to(cd)) for t in (text, g, weight))
+    bias = contiguous(bias)
 
     def grid(meta):
         # each candidate splits the images for its own tiles: 128x128 tiles at C=171 make a third of the programs
@@ -359,7 +371,7 @@ def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
     _descriptor_fwd_kernel[grid](
         text, g, weight, bias, out, B, C, E, D,
         *text.stride(), *g.stride(), *weight.stride(), *bias.stride(), *out.stride(),
-        PRECISION=dot_precision(cd),
+        PRECISION=dot_precision(cd), OPERAND=_operand_dtype(cd),
     )
     return out
 
@@ -380,7 +392,7 @@ def descriptor_backward(grad, text, g, weight, bias):
     d_bias = gsum.sum(dim=1).to(bias.dtype)
     bc, _, bk = _blocks(C, E, D)
     num_c = cdiv(C, bc)
-    precision = dot_precision(cd)
+    precision, operand = dot_precision(cd), _operand_dtype(cd)
 
     # class tile and image split from the heuristic (they size the partial buffers); the rest is autotuned
     groups = _image_groups(num_c * cdiv(D, bk) * S, B)
@@ -393,7 +405,7 @@ def descriptor_backward(grad, text, g, weight, bias):
     _descriptor_bwd_x_kernel[grid_x](
         grad, gsum, text_c, g_c, weight_c, dtext_part, dg_part, B, C, E, D,
         *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(), *weight_c.stride(), bc,
-        PRECISION=precision,
+        PRECISION=precision, OPERAND=operand,
     )
     d_text = dtext_part.sum(dim=(0, 1)).to(text.dtype)
     d_g = dg_part.sum(dim=(0, 1)).to(g.dtype)
@@ -406,7 +418,7 @@ def descriptor_backward(grad, text, g, weight, bias):
     _descriptor_bwd_w_kernel[grid_w](
         grad, gsum, text_c, g_c, d_weight, B, C, E, D,
         *grad.stride(), *gsum.stride(), *text_c.stride(), *g_c.stride(),
-        PRECISION=precision,
+        PRECISION=precision, OPERAND=operand,
     )
     return d_text, d_g, d_weight, d_bias
 
@@ -439,6 +451,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@first_order_only("descriptor", "triton")
 def _backward(ctx, grad):
     text, g, weight, bias = ctx.saved_tensors
     return descriptor_backward_op(grad, text, g, weight, bias)
@@ -456,6 +469,7 @@ class _DescriptorFunction(torch.autograd.Function):
         return descriptor_forward(text, g, weight, bias)
 
     @staticmethod
+    @first_order_only("descriptor", "triton")
     def backward(ctx, grad):
         return descriptor_backward(grad, *ctx.saved_tensors)
 

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..catalog import IGNORE_INDEX as _IGNORE_LABEL
 from .launch import cdiv, contiguous, elementwise_settings
+from ..ops.first_order import first_order_only
 
 IGNORE_INDEX = tl.constexpr(_IGNORE_LABEL)  # a constexpr: the compiler (unlike the interpreter) rejects plain globals
 # Pixels per program (8 per thread at 8 warps): the labels are read once per block and reused for every class, and each
@@ -223,6 +224,7 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_pixels = ignore_pixels
 
 
+@first_order_only("loss_sums", "triton")
 def _backward(ctx, grad):
     logits, labels = ctx.saved_tensors
     return loss_sums_backward_op(grad, logits, labels, ctx.ignore_pixels), None, None
@@ -241,6 +243,7 @@ class _LossSumsFunction(torch.autograd.Function):
         return loss_sums_forward(logits, labels, ignore_pixels)
 
     @staticmethod
+    @first_order_only("loss_sums", "triton")
     def backward(ctx, grad):
         logits, labels = ctx.saved_tensors
         return loss_sums_backward(grad, logits, labels, ctx.ignore_pixels), None, None

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .launch import autotune, block_size, cdiv, contiguous, dot_precision, next_power_of_2, num_warps
+from ..ops.first_order import first_order_only
 
 # a tl.constexpr global: compiled Triton (unlike its interpreter) refuses plain Python globals inside @jit code
 EPS = tl.constexpr(1e-12)
@@ -56,6 +57,13 @@ def _prune_configs(configs, named_args, **kwargs):
         if cfg.kwargs["BLOCK_C"] <= max(16, next_power_of_2(C)) and cfg.kwargs["BLOCK_D"] <= max(16, next_power_of_2(D))
     ]
     return keep or configs[-1:]
+
+
+@triton.jit
+def _clamped_norm(norm):
+    """``max(norm, eps)`` as ``F.normalize`` clamps, keeping NaN (a NaN row must give NaN, not 1/eps; the hardware
+    max returns the other operand)."""
+    return tl.maximum(norm, EPS, propagate_nan=tl.PropagateNan.ALL)
 
 
 @autotune(_fwd_configs(), key=["C", "N", "D", "S", "NORMALIZE", "PRECISION"], prune=_prune_configs)
@@ -109,8 +117,8 @@ def _mask_logits_fwd_kernel(
                 ssk += tl.sum(kf * kf, axis=0)
         sc = tl.load(scale_ptr + s).to(tl.float32)
         if NORMALIZE:
-            rq = 1.0 / tl.maximum(tl.sqrt(ssq), EPS)
-            rk = 1.0 / tl.maximum(tl.sqrt(ssk), EPS)
+            rq = 1.0 / _clamped_norm(tl.sqrt(ssq))
+            rk = 1.0 / _clamped_norm(tl.sqrt(ssk))
             acc += part * ((sc * rq)[:, None] * rk[None, :])
         else:
             acc += part * sc
@@ -167,7 +175,7 @@ def _rowdot_kernel(
     offs_c0 = tl.arange(0, BLOCK_C)
     mask_n = offs_n < N
     k_base = k_ptr + (sb * N) * D
-    rk = 1.0 / tl.maximum(tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0), EPS)
+    rk = 1.0 / _clamped_norm(tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0))
     rdk = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + offs_c0
@@ -180,7 +188,7 @@ def _rowdot_kernel(
             qt = tl.load(q_base + offs_c[:, None] * D + dd[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
             kt = tl.load(k_base + offs_n[None, :] * D + dd[:, None], mask=mask_d[:, None] & mask_n[None, :], other=0.0)
             logits = tl.dot(qt, kt, logits, input_precision=PRECISION)
-        rq = 1.0 / tl.maximum(tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0), EPS)
+        rq = 1.0 / _clamped_norm(tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0))
         gt = tl.load(grad_ptr + (b * C + offs_c[:, None]) * N + offs_n[None, :],
                      mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         gl = gt * logits * (rq[:, None] * rk[None, :])  # padded entries are 0 through gt
@@ -236,7 +244,7 @@ def _mask_logits_bwd_q_kernel(
         if NORMALIZE:
             # normalise k (|k_hat| <= 1), not the gradient: G / |k| overflows fp16 for short or zero k rows, and an
             # inf meeting a zero of k in the dot turns the whole tile into NaN
-            rk = 1.0 / tl.maximum(tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0), EPS)
+            rk = 1.0 / _clamped_norm(tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0))
             kt = (kt.to(tl.float32) * rk[:, None]).to(dtype)
         acc = tl.dot(gt, kt, acc, input_precision=PRECISION)
 
@@ -246,7 +254,7 @@ def _mask_logits_bwd_q_kernel(
     qt = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
     if NORMALIZE:
         qn = tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0)
-        rq = 1.0 / tl.maximum(qn, EPS)
+        rq = 1.0 / _clamped_norm(qn)
         q_hat = qt * rq[:, None]
         rdq = tl.load(rdq_ptr + sb * C + offs_c, mask=mask_c, other=0.0)
         rdq = tl.where(qn > EPS, rdq, 0.0)  # below the clamp F.normalize is linear: no projection
@@ -256,7 +264,8 @@ def _mask_logits_bwd_q_kernel(
         dq = sc * acc
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
     num_part = B * num_c * num_d
-    tl.store(dscale_part_ptr + s * num_part + (b * num_c + pid_c) * num_d + pid_d, tl.sum(tl.sum(q_hat * acc, axis=1), axis=0))
+    # padded rows of acc can be NaN (a zero gradient row times an inf of k in the dot): keep them out of the sum
+    tl.store(dscale_part_ptr + s * num_part + (b * num_c + pid_c) * num_d + pid_d, tl.sum(tl.sum(tl.where(mask, q_hat * acc, 0.0), axis=1), axis=0))
 
 
 @triton.jit
@@ -303,7 +312,7 @@ def _mask_logits_bwd_k_kernel(
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_N, BLOCK_C)
         qt = tl.load(q_base + offs_c[:, None] * D + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
         if NORMALIZE:  # normalise q, not the gradient (see the q kernel)
-            rq = 1.0 / tl.maximum(tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0), EPS)
+            rq = 1.0 / _clamped_norm(tl.load(qn_ptr + sb * C + offs_c, mask=mask_c, other=1.0))
             qt = (qt.to(tl.float32) * rq[:, None]).to(dtype)
         acc = tl.dot(gT, qt, acc, input_precision=PRECISION)
 
@@ -313,7 +322,7 @@ def _mask_logits_bwd_k_kernel(
     if NORMALIZE:
         kt = tl.load(k_ptr + k_offs, mask=mask, other=0.0).to(tl.float32)
         kn = tl.load(kn_ptr + sb * N + offs_n, mask=mask_n, other=1.0)
-        rk = 1.0 / tl.maximum(kn, EPS)
+        rk = 1.0 / _clamped_norm(kn)
         rdk = tl.load(rdk_ptr + sb * N + offs_n, mask=mask_n, other=0.0)
         rdk = tl.where(kn > EPS, rdk, 0.0)
         dk = (sc * rk)[:, None] * (acc - kt * (rk * rdk)[:, None])
@@ -433,6 +442,7 @@ def _setup_context(ctx, inputs, output):
     ctx.normalize = normalize
 
 
+@first_order_only("mask_logits", "triton")
 def _backward(ctx, grad):
     q, k, scale = ctx.saved_tensors
     dq, dk, d_scale = mask_logits_backward_op(grad, q, k, scale, ctx.normalize)
@@ -452,6 +462,7 @@ class _MaskLogitsFunction(torch.autograd.Function):
         return mask_logits_forward(q, k, scale, normalize)
 
     @staticmethod
+    @first_order_only("mask_logits", "triton")
     def backward(ctx, grad):
         q, k, scale = ctx.saved_tensors
         dq, dk, d_scale = mask_logits_backward(grad, q, k, scale, ctx.normalize)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, contiguous, elementwise_settings
+from ..ops.first_order import first_order_only
 
 
 @triton.jit
@@ -151,6 +152,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(feats, weights)
 
 
+@first_order_only("nga", "triton")
 def _backward(ctx, grad):
     feats, weights = ctx.saved_tensors
     d_feats, d_weights = nga_backward_op(grad, feats, weights)
@@ -169,6 +171,7 @@ class _NGAFunction(torch.autograd.Function):
         return nga_forward(feats, weights)
 
     @staticmethod
+    @first_order_only("nga", "triton")
     def backward(ctx, grad):
         feats, weights = ctx.saved_tensors
         return nga_backward(grad, feats, weights)

@@ -42,7 +42,9 @@ def main(argv) -> int:
     for i, job in enumerate(jobs):
         try:
             fn = _jit_function(job["module"], job["name"])
-            source = ASTSource(fn, job["signature"], constexprs=job["constexprs"])
+            constexprs = {name: triton.language.dtype(value["tl_dtype"]) if isinstance(value, dict) else value
+                          for name, value in job["constexprs"].items()}
+            source = ASTSource(fn, job["signature"], constexprs=constexprs)
             compiled = triton.compile(source, target=GPUTarget("cuda", job["capability"], 32), options=job["options"])
             results.append({"job": i, "ok": True, "error": "", "shared": int(compiled.metadata.shared)})
         except Exception as exc:  # reported per job by the test

@@ -66,7 +66,8 @@ def _signature(fn, args, kwargs):
         value = bound[param.name]
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-            constexprs[param.name] = value
+            # a dtype constexpr (the descriptor's OPERAND) travels to the compile child by name
+            constexprs[param.name] = {"tl_dtype": str(value)} if type(value).__name__ == "dtype" else value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + TYPE_NAMES[value.dtype]
         elif isinstance(value, bool):
@@ -111,13 +112,15 @@ def _run_all_ops(dtype: torch.dtype, shapes: str):
 
 
 # (dtype, fp32 matmul precision, shapes, capabilities, with every GPU autotune config). Chosen to cover each code
-# path once and keep the test near a minute on two cores: bf16 is the training dtype and has the most lowering rules
-# (fp16 takes the same path with another element type); fp32 dots as IEEE at the smallest tiles and as TF32 at the
-# paper's shapes; sm80 (mma v2) and sm90 (wgmma) lower dots differently, so both see the paper shapes with every
-# autotune candidate, in bf16 and in fp32 (whose tiles take twice the shared memory).
+# path once and keep the test near a minute on two cores: bf16 is the training dtype and has the most lowering rules;
+# fp16 mostly takes bf16's path with another element type, but the descriptor feeds its dots float32 operands there
+# (TF32 dots beside float16 loads), so fp16 compiles at the smallest tiles; fp32 dots as IEEE at the smallest tiles
+# and as TF32 at the paper's shapes; sm80 (mma v2) and sm90 (wgmma) lower dots differently, so both see the paper
+# shapes with every autotune candidate, in bf16 and in fp32 (whose tiles take twice the shared memory).
 PLAN = (
     (torch.bfloat16, "highest", REAL, (80, 90), True),
     (torch.bfloat16, "highest", SMALL, (90,), False),
+    (torch.float16, "highest", SMALL, (80, 90), False),
     (torch.float32, "highest", SMALL, (80, 90), False),
     (torch.float32, "high", REAL, (80, 90), True),
 )

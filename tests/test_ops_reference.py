@@ -84,7 +84,7 @@ def test_gradcheck_float64():
     [
         (lambda: ops.nga(torch.randn(2, 3, 1, 4), torch.randn(2, 3)), r"\(S, K, B, N, D\)"),
         (lambda: ops.nga(torch.randn(2, 3, 1, 4, 5), torch.randn(3, 2)), r"weights must be \(S, K\) = \(2, 3\)"),
-        (lambda: ops.nga(torch.ones(2, 3, 1, 4, 5, dtype=torch.long), torch.randn(2, 3)), "floating point"),
+        (lambda: ops.nga(torch.ones(2, 3, 1, 4, 5, dtype=torch.long), torch.randn(2, 3)), "floating-point tensor .* got int64"),
         (lambda: ops.descriptor(torch.randn(3, 4), torch.randn(2, 5), torch.randn(1, 2, 8), torch.randn(1, 2)), "g width 5"),
         (lambda: ops.descriptor(torch.randn(3, 4), torch.randn(2, 4), torch.randn(1, 2, 7), torch.randn(1, 2)), "2d = 8"),
         (lambda: ops.descriptor(torch.randn(3, 4), torch.randn(2, 4), torch.randn(1, 2, 8), torch.randn(2)), r"bias must be \(S, e\)"),
@@ -131,3 +131,58 @@ def test_ops_import_stays_light():
     code = "import sys, cascade_clip.ops, cascade_clip.kernels; print('open_clip' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ops.nga(torch.randn(1, 2, 1, 2, 3).to(torch.float8_e4m3fn), torch.rand(1, 2)),
+         r"feats must be a floating-point tensor \(float16, bfloat16, float32, float64\), got float8_e4m3fn"),
+        (lambda: ops.mask_logits(torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), torch.ones(1, dtype=torch.complex64)),
+         "scale must be a floating-point tensor"),
+        (lambda: ops.loss_sums(torch.randn(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.uint16)),
+         r"labels must be an integer tensor \(uint8, int8, int16, int32, int64\), got uint16"),
+        (lambda: ops.loss_sums(torch.randn(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool)), "got bool"),
+    ],
+)
+def test_unsupported_dtypes_are_named(call, match):
+    """Every backend is refused the same dtypes, at the front (the Triton kernels once computed float8 silently)."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_reference_runs_on_meta_tensors():
+    """Shape propagation on the meta device (the autocast query once raised for it)."""
+    out = ops.nga(torch.empty(2, 3, 1, 4, 5, device="meta"), torch.empty(2, 3, device="meta"), backend="reference")
+    assert out.device.type == "meta" and out.shape == (2, 1, 4, 5)
+    out = ops.descriptor(*(torch.empty(s, device="meta") for s in [(3, 4), (2, 4), (1, 5, 8), (1, 5)]),
+                         backend="reference")
+    assert out.shape == (1, 2, 3, 5)
+
+
+def test_auto_sends_a_dtype_its_backend_lacks_to_the_reference(monkeypatch):
+    """"auto" picks the device's fused backend, but float64 on CUDA (Triton has no float64 kernels) goes to the
+    reference; an explicit backend that lacks the dtype is a named error. Simulated on the CPU with a fake backend."""
+    from cascade_clip.ops import registry
+
+    def refuse(*args):
+        raise AssertionError("the fake float32-only backend was called")
+
+    fake = registry.Backend("fake", refuse, refuse, refuse, devices=("cpu",), dtypes=(torch.float32,), loss_sums=refuse)
+    monkeypatch.setitem(registry._auto_choice, "cpu", fake)
+    monkeypatch.setitem(registry._backends, "fake", fake)
+    feats, weights = torch.randn(2, 3, 1, 4, 5, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ops.nga(feats, weights, backend="auto"), ops.nga(feats, weights, backend="reference"))
+    with pytest.raises(AssertionError, match="fake float32-only backend was called"):
+        ops.nga(feats.float(), weights.float(), backend="auto")
+    with pytest.raises(ValueError, match="'fake' ops backend computes float32, not float64"):
+        registry.resolve("fake", torch.device("cpu"), (torch.float64,))
+    if "triton" in ops.available_backends():
+        with pytest.raises(ValueError, match="'triton' ops backend computes float16, bfloat16, float32, not float64"):
+            ops.nga(feats, weights, backend="triton")
+
+
+def test_loss_sums_keeps_float64():
+    logits, labels = torch.randn(1, 3, 2, 2, dtype=torch.float64), torch.tensor([[[0, 1], [255, 2]]])
+    assert ops.loss_sums(logits, labels, backend="reference").dtype == torch.float64
+    assert ops.loss_sums(logits.float(), labels, backend="reference").dtype == torch.float32

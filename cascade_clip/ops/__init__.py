@@ -5,7 +5,8 @@ Every function validates its inputs here, once, and then hands them to the selec
 so a new backend never touches the model. Gradients flow to every floating-point input.
 
 * ``nga(feats, weights)``: feats ``(S, K, B, N, D)``, weights ``(S, K)`` float32 -> ``(S, B, N, D)``;
-  ``out[s] = sum_k weights[s, k] * feats[s, k]``, accumulated in float32, returned in feats' dtype.
+  ``out[s] = sum_k weights[s, k] * feats[s, k]``, accumulated in float32 (float64 for float64 inputs), returned in
+  feats' dtype.
 * ``descriptor(text, g, weight, bias)``: text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)``
   -> ``(S, B, C, e)``; ``concat(text * g[b], text) @ weight[s].T + bias[s]``, in g's dtype.
 * ``mask_logits(q, k, scale, normalize=False)``: q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale a float or ``(S,)``
@@ -13,12 +14,15 @@ so a new backend never touches the model. Gradients flow to every floating-point
   if ``normalize`` else ``x``. The decoder's head-averaged attention logits are this op with
   ``scale = head_dim ** -0.5 / heads``.
 * ``loss_sums(logits, labels, ignore_pixels=False)``: logits ``(B, C, H, W)``, labels ``(B, H, W)`` integers in
-  ``[0, C)`` or 255 -> ``(B, C, 4)`` float32: per image and class, the pixel sums of the official loss's focal term,
-  of ``p = sigmoid(x)``, of ``p * t`` and of ``t`` (``t`` = one-hot target; 255 = negative everywhere, or skipped in
-  the first three sums with ``ignore_pixels``). :func:`cascade_clip.loss.segmentation_loss` builds the loss from them.
+  ``[0, C)`` or 255 -> ``(B, C, 4)`` float32 (float64 for float64 logits): per image and class, the pixel sums of
+  the official loss's focal term, of ``p = sigmoid(x)``, of ``p * t`` and of ``t`` (``t`` = one-hot target; 255 =
+  negative everywhere, or skipped in the first three sums with ``ignore_pixels``).
+  :func:`cascade_clip.loss.segmentation_loss` builds the loss from them.
 
 The ops ignore ``torch.autocast``: every backend computes from its inputs' dtypes as above (the model casts what it
-passes), so a region under autocast gets the same numbers from every backend as outside it.
+passes), so a region under autocast gets the same numbers from every backend as outside it. Floating-point inputs are
+float16, bfloat16, float32 or float64 (float64 is computed by the reference and C++ backends; ``"auto"`` sends it to
+the reference on CUDA).
 """
 
 from __future__ import annotations
@@ -46,10 +50,22 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# Floating-point dtypes the ops accept (every backend's kernels or the reference compute them); label dtypes of
+# loss_sums. Others (float8, complex, uint16/32/64 labels) are refused with the argument's name.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Device types that have an autocast state (torch.is_autocast_enabled raises for others, e.g. "meta").
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _without_autocast(fn, device: torch.device, *args):
     """Call a backend op with autocast off on ``device``: its dtypes are the op's contract, and the ATen matmuls
     inside the reference and C++ backends would otherwise be recast (a different result, or a dtype clash)."""
-    if torch.is_autocast_enabled(device.type):
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         with torch.autocast(device.type, enabled=False):
             return fn(*args)
     return fn(*args)
@@ -57,7 +73,8 @@ def _without_autocast(fn, device: torch.device, *args):
 
 def _check_float(name: str, t: torch.Tensor) -> None:
     _require(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
-    _require(t.is_floating_point(), f"{name} must be floating point, got {t.dtype}")
+    _require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating-point tensor "
+             f"({', '.join(_dtype_name(d) for d in FLOAT_DTYPES)}), got {_dtype_name(t.dtype)}")
 
 
 def _check_same_device(**tensors: torch.Tensor) -> torch.device:
@@ -80,7 +97,8 @@ def nga(feats: torch.Tensor, weights: torch.Tensor, *, backend: Optional[str] = 
         f"nga: weights must be (S, K) = {tuple(feats.shape[:2])}, got {tuple(weights.shape)}",
     )
     device = _check_same_device(feats=feats, weights=weights)
-    return _without_autocast(resolve(backend, device).nga, device, feats, weights)
+    op = resolve(backend, device, (feats.dtype, weights.dtype)).nga
+    return _without_autocast(op, device, feats, weights)
 
 
 def descriptor(
@@ -110,7 +128,8 @@ def descriptor(
         f"descriptor: bias must be (S, e) = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}",
     )
     device = _check_same_device(text=text, g=g, weight=weight, bias=bias)
-    return _without_autocast(resolve(backend, device).descriptor, device, text, g, weight, bias)
+    op = resolve(backend, device, (text.dtype, g.dtype, weight.dtype, bias.dtype)).descriptor
+    return _without_autocast(op, device, text, g, weight, bias)
 
 
 def mask_logits(
@@ -140,7 +159,8 @@ def mask_logits(
         scale = scale.expand(q.shape[0])
     _require(scale.shape == (q.shape[0],), f"mask_logits: scale must be a float or (S,) = ({q.shape[0]},), got {tuple(scale.shape)}")
     device = _check_same_device(q=q, k=k, scale=scale)
-    return _without_autocast(resolve(backend, device).mask_logits, device, q, k, scale, bool(normalize))
+    op = resolve(backend, device, (q.dtype, k.dtype, scale.dtype)).mask_logits
+    return _without_autocast(op, device, q, k, scale, bool(normalize))
 
 
 def loss_sums(
@@ -148,13 +168,14 @@ def loss_sums(
 ) -> torch.Tensor:
     """Pixel sums of the official focal + dice loss per image and class channel.
 
-    logits ``(B, C, H, W)`` (any float dtype, computed in float32), labels ``(B, H, W)`` integers in ``[0, C)`` or
-    255 -> ``(B, C, 4)`` float32 ``[sum focal, sum p, sum p * t, sum t]``; differentiable in ``logits``.
+    logits ``(B, C, H, W)`` (computed in float32, or float64 for float64 logits), labels ``(B, H, W)`` integers in
+    ``[0, C)`` or 255 -> ``(B, C, 4)`` in that dtype ``[sum focal, sum p, sum p * t, sum t]``; differentiable in
+    ``logits``.
     """
     _check_float("logits", logits)
-    _require(isinstance(labels, torch.Tensor) and not labels.is_floating_point() and not labels.is_complex()
-             and labels.dtype != torch.bool,
-             f"loss_sums: labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    _require(isinstance(labels, torch.Tensor) and labels.dtype in LABEL_DTYPES,
+             f"loss_sums: labels must be an integer tensor ({', '.join(_dtype_name(d) for d in LABEL_DTYPES)}), "
+             f"got {_dtype_name(labels.dtype) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     _require(logits.dim() == 4, f"loss_sums: logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
     _require(
         labels.shape == (logits.shape[0], *logits.shape[2:]),
@@ -162,4 +183,5 @@ def loss_sums(
     )
     _require(logits.shape[1] < 255, f"loss_sums: at most 254 classes (255 is the ignore label), got {logits.shape[1]}")
     device = _check_same_device(logits=logits, labels=labels)
-    return _without_autocast(resolve(backend, device).loss_sums, device, logits, labels, bool(ignore_pixels))
+    op = resolve(backend, device, (logits.dtype,)).loss_sums
+    return _without_autocast(op, device, logits, labels, bool(ignore_pixels))

@@ -7,7 +7,8 @@ that backend; it never breaks the import.
 
 The process default is ``"auto"`` unless ``CASCADE_CLIP_BACKEND`` names another backend; :func:`set_backend` changes
 it. ``"auto"`` picks, per call, the fastest backend available for the device of the inputs: ``"triton"`` for CUDA
-tensors, ``"cpp"`` for CPU tensors, ``"reference"`` otherwise.
+tensors, ``"cpp"`` for CPU tensors, ``"reference"`` otherwise, and for a dtype the chosen backend does not compute
+(float64 on CUDA).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Backend:
     mask_logits: Callable
     # Which tensor devices ("cpu", "cuda") this backend is meant for; "auto" only routes those here.
     devices: tuple = ("cpu", "cuda")
+    # The floating-point dtypes its kernels compute; "auto" serves other dtypes (float64 on CUDA) with the reference.
+    dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     # The loss's per-mask sums; backends without their own (the C++ one) compute them with the reference.
     loss_sums: Callable = reference.loss_sums
 
@@ -133,6 +136,15 @@ def _runs_on(backend: Backend, device: torch.device) -> bool:
     return backend.name == "reference" or device.type in backend.devices
 
 
+def _unsupported_dtype(backend: Backend, dtypes: tuple) -> Optional[str]:
+    for dtype in dtypes:
+        if dtype not in backend.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
+            return (f"the {backend.name!r} ops backend computes {names}, not {str(dtype).replace('torch.', '')}; use "
+                    "the 'auto' backend (the reference serves other dtypes) or 'reference'")
+    return None
+
+
 def _wrong_device(backend: Backend, device: torch.device) -> str:
     hint = " (Triton runs CPU tensors only under its interpreter, TRITON_INTERPRET=1)" if backend.name == "triton" else ""
     others = " or ".join(repr(n) for n in ("cpp", "reference") if n != backend.name)
@@ -140,21 +152,29 @@ def _wrong_device(backend: Backend, device: torch.device) -> str:
             f"{device.type}{hint}; use the 'auto' backend (the fastest one for the device) or {others}")
 
 
-def resolve(name: Optional[str], device: torch.device) -> Backend:
-    """The backend that serves a call with ``backend=name`` on tensors of ``device``."""
+def resolve(name: Optional[str], device: torch.device, dtypes: tuple = ()) -> Backend:
+    """The backend that serves a call with ``backend=name`` on tensors of ``device`` with floating-point ``dtypes``."""
     if name is None:
         name = get_backend()
     # fast path (every op call goes through here): a loaded backend by name, or the cached choice of "auto"
     loaded = _backends.get(name) if name != AUTO else _auto_choice.get(device.type)
     if loaded is not None:
-        if name == AUTO or _runs_on(loaded, device):
-            return loaded
+        if name == AUTO:
+            return loaded if all(dt in loaded.dtypes for dt in dtypes) else _backends["reference"]
+        if _runs_on(loaded, device):
+            problem = _unsupported_dtype(loaded, dtypes)
+            if problem is None:
+                return loaded
+            raise ValueError(problem)
         raise ValueError(_wrong_device(loaded, device))
     name = _check_name(name)
     if name != AUTO:
         backend = _backends[name] if name in _backends else _try_load(name)
         if not _runs_on(backend, device):
             raise ValueError(_wrong_device(backend, device))
+        problem = _unsupported_dtype(backend, dtypes)
+        if problem is not None:
+            raise ValueError(problem)
         return backend
     for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
         backend = _try_load(candidate)
@@ -163,4 +183,4 @@ def resolve(name: Optional[str], device: torch.device) -> Backend:
     else:
         backend = _backends["reference"]
     _auto_choice[device.type] = backend  # backends never unload and failures are final, so the choice is too
-    return backend
+    return backend if all(dt in backend.dtypes for dt in dtypes) else _backends["reference"]
