@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="ours (latest.pt, iter_N.pt) or an official .pth")
     p.add_argument("--dataset", choices=DATASET_NAMES, help="layout and classes (default: the model's dataset)")
     p.add_argument("--data-root", default="data", help="folder holding the dataset (or its layout root)")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", help="split to evaluate (default: the checkpoint's data.val_split when evaluating "
+                   "its own dataset, else val)")
     p.add_argument("--text-embeddings", help="(C, D) .npy of the evaluated classes (default: stored in the checkpoint or CLIP's text tower)")
     p.add_argument("--templates", choices=("single", "multi"), help="prompt templates (default: VOC single, others multi)")
-    p.add_argument("--short-side", type=int, default=512, help="test scale (official 512)")
+    p.add_argument("--short-side", type=int, help="test scale (default: the checkpoint's eval.short_side, so the "
+                   "metrics equal those printed at the end of training; official checkpoints 512)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
                    help="override a model config field, e.g. model.stride=256 (repeatable)")
     p.add_argument("--kernels", default="auto", choices=("auto", "triton", "cpp", "reference"))
@@ -196,6 +198,20 @@ def resolve_text(model, raw_checkpoint: dict, class_names, *, path, templates, d
     )
 
 
+def evaluation_settings(raw_checkpoint: dict, dataset: str, *, split=None, short_side=None) -> tuple:
+    """``(split, short side)`` of an evaluation: the ones asked for, else those the checkpoint was trained to be
+    evaluated with (its ``train_config``; the split only on its own dataset), else the official ``val`` and 512."""
+    train_cfg = raw_checkpoint.get("train_config") or {}
+    data, evaluation = train_cfg.get("data") or {}, train_cfg.get("eval") or {}
+    if split is None:
+        split = data.get("val_split", "val") if data.get("dataset") == dataset else "val"
+    if short_side is None:
+        short_side = int(evaluation.get("short_side", 512))
+    if short_side <= 0:
+        raise ValueError(f"--short-side must be > 0, got {short_side}")
+    return split, short_side
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from . import ops
@@ -225,13 +241,14 @@ def main(argv=None) -> dict:
         dataset = args.dataset or model.cfg.dataset
         if dataset not in DATASET_NAMES:
             raise ValueError(f"the model's dataset {dataset!r} has no layout; pass --dataset")
+        split, short_side = evaluation_settings(raw, dataset, split=args.split, short_side=args.short_side)
         class_names, seen, calibrate = eval_classes(model.cfg, dataset)
         text = resolve_text(model, raw, class_names, path=args.text_embeddings, templates=args.templates,
                             dataset=dataset, clip_pretrained=text_weights)
         dtype = AUTOCAST_DTYPES[args.precision]  # asked for explicitly: honoured on the CPU too, like predict
         metrics = evaluate_model(
-            model, text, dataset=dataset, root=args.data_root, split=args.split, class_names=class_names, seen=seen,
-            calibrate=calibrate, short_side=args.short_side, device=info.device, save_preds=args.save_preds,
+            model, text, dataset=dataset, root=args.data_root, split=split, class_names=class_names, seen=seen,
+            calibrate=calibrate, short_side=short_side, device=info.device, save_preds=args.save_preds,
             num_workers=args.num_workers, autocast_dtype=dtype, dist_info=info,
         )
         result = metrics.to_dict()

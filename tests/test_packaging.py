@@ -33,3 +33,12 @@ def test_cli_dispatches_every_subcommand_help():
         )
         assert out.returncode == 0, f"cascade-clip {name} --help failed: {out.stderr[-500:]}"
         assert "usage:" in out.stdout
+
+
+def test_python_dash_m_package_is_the_command():
+    out = subprocess.run([sys.executable, "-m", "cascade_clip", "config", "show", "--config", "voc-st"],
+                         capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr[-500:]
+    assert '"transductive": true' in out.stdout  # the -st preset, resolved
+    out = subprocess.run([sys.executable, "-m", "cascade_clip", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice: 'nonsense'" in out.stderr

@@ -357,6 +357,12 @@ def test_load_from_transductive_and_eval(data_root, tmp_path):
     assert result["metrics"]["mIoU"] is not None
     raw = torch.load(os.path.join(st, "latest.pt"), weights_only=False)
     assert raw["train_config"]["train"]["transductive"] and raw["iteration"] == 2
+    # eval without --short-side/--split tests at the checkpoint's own eval settings (here 32 px, not the official
+    # 512): the metrics printed at the end of training are those eval gives
+    again = evaluate.main(["--checkpoint", os.path.join(st, "latest.pt"), "--data-root", data_root, "--kernels",
+                           "reference", "--num-workers", "0"])
+    assert again["per_class"] == pytest.approx(result["metrics"]["per_class"], nan_ok=True)
+    assert again["aAcc"] == pytest.approx(result["metrics"]["aAcc"])
 
     out = tmp_path / "metrics.json"
     preds = tmp_path / "preds"
@@ -371,6 +377,16 @@ def test_load_from_transductive_and_eval(data_root, tmp_path):
     with Image.open(preds / names[0]) as png, Image.open(os.path.join(data_root, "VOCdevkit/VOC2012/JPEGImages/val_00000.jpg")) as img:
         assert png.mode == "P" and png.size == img.size  # original resolution
         assert np.asarray(png).max() < len(SPEC.class_names)
+
+
+def test_eval_settings_default_to_the_checkpoints():
+    raw = {"train_config": {"data": {"dataset": "voc", "val_split": "minival"}, "eval": {"short_side": 64}}}
+    assert evaluate.evaluation_settings(raw, "voc") == ("minival", 64)
+    assert evaluate.evaluation_settings(raw, "context") == ("val", 64)  # another dataset's layout: its val split
+    assert evaluate.evaluation_settings(raw, "voc", split="val", short_side=512) == ("val", 512)
+    assert evaluate.evaluation_settings({"official_state_dict": {}}, "voc") == ("val", 512)  # official: mmseg's test scale
+    with pytest.raises(ValueError, match="--short-side must be > 0, got 0"):
+        evaluate.evaluation_settings(raw, "voc", short_side=0)
 
 
 def test_cross_dataset_eval(data_root, tmp_path):
