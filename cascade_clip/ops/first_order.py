@@ -42,11 +42,10 @@ def first_order_only(op: str, backend: str) -> Callable:
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            create_graph = torch.is_grad_enabled()
+            if not torch.is_grad_enabled():  # a plain backward: autograd runs formulas with grad mode off
+                return backward(ctx, *grads)
             with torch.no_grad():
                 results = backward(ctx, *grads)
-            if not create_graph:
-                return results
             sources = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
             present = [r for r in results if isinstance(r, torch.Tensor)]
             if not sources or not present:
