@@ -9,6 +9,7 @@ Names are stripped and checked by :func:`cascade_clip.text.check_class_names` (n
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -44,6 +45,10 @@ def matching_preset(names: Sequence[str]) -> Optional[str]:
     return None
 
 
+# "classes.txt", "my_list.lst", "names.csv": one word, a dot, a short extension (class names are rarely spelled so)
+_FILE_NAME = re.compile(r"[^\s,]+\.[A-Za-z][A-Za-z0-9]{0,4}")
+
+
 def parse_classes(spec: Union[str, Sequence[str]]) -> ClassList:
     """A preset name, a class file, a comma-separated string, or an already split sequence of names."""
     if not isinstance(spec, str):
@@ -58,10 +63,11 @@ def parse_classes(spec: Union[str, Sequence[str]]) -> ClassList:
     if text.lower() in DATASET_NAMES:  # "VOC" is the preset, not one class called VOC
         raise ValueError(f"--classes {text!r}: the presets are {', '.join(DATASET_NAMES)} (lower case); for a class "
                          f"of that name add another class")
-    if text.endswith(".txt") or os.sep in text:
+    if "," not in text and (os.sep in text or _FILE_NAME.fullmatch(text)):
         # Looks like a path but is not a file: saying so beats segmenting a class called "clases.txt".
-        raise ValueError(f"class file not found: {text}")
-    names = check_class_names(text.split(",")) if text else check_class_names([])
+        raise ValueError(f"class file not found: {text} (for one class of that name add a comma: '{text},')")
+    # a trailing comma ends the list (it makes "classes.txt," one class of that name)
+    names = check_class_names(text.removesuffix(",").split(",")) if text else check_class_names([])
     return ClassList(tuple(names), matching_preset(names))
 
 

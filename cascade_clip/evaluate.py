@@ -33,6 +33,7 @@ from . import distributed
 from .catalog import DATASET_NAMES, dataset_info
 from .checkpoint import write_text_atomic
 from .datasets import build_dataset
+from .image_io import save_png_atomic
 from .metrics import SegMetrics, compute_metrics, update_confusion
 from .train_config import AUTOCAST_DTYPES
 from .transforms import eval_resize
@@ -47,9 +48,7 @@ def write_palette_png(path: str, pred: np.ndarray, palette: Sequence[Sequence[in
     image = Image.fromarray(pred.astype(np.uint8), mode="P")
     flat = [c for rgb in palette for c in rgb][: 256 * 3]
     image.putpalette(flat + [0] * (768 - len(flat)))
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png_atomic(image, path)
 
 
 def default_palette(num_classes: int, dataset: Optional[str] = None) -> list:

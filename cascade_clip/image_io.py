@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -9,8 +11,33 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .catalog import image_norm
 
 
+# PIL modes of 16-bit grayscale (PNG, TIFF) and of 32-bit integer and float images: PIL's convert("RGB") clips them
+# to 0..255 (a 16-bit photo turns white, a float one black), so they are scaled here instead.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def pil_to_rgb(image: Image.Image, name: str = "image") -> np.ndarray:
+    """A PIL image in any mode -> (H, W, 3) uint8 RGB: 16-bit grayscale scaled by 255/65535, 32-bit integer images
+    read as 16-bit data (0..65535), float images (mode F) as 0..1 like float arrays; the other modes through PIL's
+    conversion (grayscale repeated, palette expanded, alpha dropped, CMYK converted)."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        values = np.asarray(image)
+        if image.mode == "F":
+            if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+                raise ValueError(f"{name}: a float (mode F) image must hold values in [0, 1], got "
+                                 f"[{values.min():.9g}, {values.max():.9g}]")
+            gray = np.round(values * 255.0)
+        else:
+            if values.min() < 0 or values.max() > 65535:
+                raise ValueError(f"{name}: a {image.mode} image is read as 16-bit data (0..65535), got values in "
+                                 f"[{values.min()}, {values.max()}]")
+            gray = np.round(values.astype(np.float64) * (255.0 / 65535.0))
+        return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
 def read_rgb(path: str, upright: bool = False) -> np.ndarray:
-    """Image at ``path`` as (H, W, 3) uint8 RGB (grayscale, palette and RGBA are converted; alpha dropped).
+    """Image at ``path`` as (H, W, 3) uint8 RGB (see :func:`pil_to_rgb` for the modes).
 
     ``upright``: apply the EXIF orientation tag (a phone photo stored sideways comes out as it is displayed). Off for
     dataset images, whose label masks are aligned with the stored pixels.
@@ -19,8 +46,11 @@ def read_rgb(path: str, upright: bool = False) -> np.ndarray:
         with Image.open(path) as image:
             if upright:
                 image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+            return pil_to_rgb(image, path)
+    except Image.DecompressionBombError as exc:  # not an OSError: it would stop a whole batch
+        raise ValueError(f"{path}: larger than PIL's safety limit of {Image.MAX_IMAGE_PIXELS} pixels ({exc}); "
+                         "resize it first") from exc
+    except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
 
 
@@ -30,3 +60,16 @@ def normalize_rgb(rgb: np.ndarray) -> torch.Tensor:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in image_norm())
     return (torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() - mean) / std
+
+
+def save_png_atomic(image: Image.Image, path: str) -> None:
+    """Write ``image`` as a PNG at ``path`` through a temporary file and a rename: never half an image (a full disk
+    or an interrupted run leaves the previous file, or none)."""
+    tmp = path + ".tmp"
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

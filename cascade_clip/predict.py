@@ -15,7 +15,6 @@ Unreadable files are reported and skipped; the exit status is 1 when any input w
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -31,16 +30,20 @@ SUMMARY_CLASSES = 6  # classes listed per image on the console (all of them go t
 
 
 def _override(text: str) -> Tuple[str, object]:
-    """``FIELD=VALUE`` -> (field, Python literal or plain string)."""
+    """``FIELD=VALUE`` -> (ModelConfig field, value parsed to the field's type), as ``eval --set``."""
+    from .train_config import _hints, _parse
+
     field, sep, value = text.partition("=")
     if not sep or not field.strip():
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    field = field.strip().removeprefix("model.")  # eval's spelling (model.crop_size) works here too
+    name = field.strip().removeprefix("model.")  # eval's spelling (model.crop_size) works here too
+    hints = _hints(ModelConfig)
+    if name not in hints:
+        raise argparse.ArgumentTypeError(f"unknown model config field {field.strip()!r}")
     try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return field.strip(), parsed
+        return name, _parse(value, hints[name], field.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("inference")
     group.add_argument("--short-side", type=int, default=512, help="test-time short side (official 512; 0 = keep)")
-    group.add_argument("--crop-size", type=int, help="sliding-window crop (default: the checkpoint's, 512)")
-    group.add_argument("--stride", type=int, help="sliding-window stride (default: the checkpoint's, 426; with "
-                       "--crop-size: 426/512 of it)")
+    group.add_argument("--crop-size", type=_positive("--crop-size"),
+                       help="sliding-window crop (default: the checkpoint's, 512)")
+    group.add_argument("--stride", type=_positive("--stride"), help="sliding-window stride (default: the checkpoint's, "
+                       "426; with --crop-size: 426/512 of it)")
     group.add_argument("--seen", help="comma-separated class names to calibrate (default: the checkpoint's seen ones)")
     group.add_argument("--no-calibration", action="store_true", help="no seen-class calibration")
     group.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="FIELD=VALUE",
@@ -80,10 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Formats PIL lists by extension but cannot read as pictures: save-only (PDF, Palm) and data-file stubs that need a
+# handler installed by the user (HDF5, GRIB, BUFR). MPO (multi-picture JPEG) is opened by the JPEG reader.
+_NOT_PICTURES = {"PDF", "PALM", "HDF5", "GRIB", "BUFR"}
+
+
 def image_extensions() -> set:
+    """File extensions of the image formats PIL reads (a .pdf in a photo folder is not an input)."""
     from PIL import Image
 
-    return {ext.lower() for ext in Image.registered_extensions()}
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items()
+            if (fmt in Image.OPEN or fmt == "MPO") and fmt not in _NOT_PICTURES}
 
 
 def collect_inputs(inputs: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
@@ -106,14 +118,76 @@ def collect_inputs(inputs: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]
     return files, skipped
 
 
+OVERLAY_SUFFIX = "_overlay"
+
+
 def output_stems(files: List[str]) -> List[str]:
-    """Output name per input: its file stem, numbered when two inputs share one (a/x.jpg, b/x.png -> x, x_2)."""
-    used, stems = {}, []
+    """Output name per input: its file stem, numbered when it would share an output file with an earlier input (a/x.jpg,
+    b/x.png -> x, x_2; y.png, y_overlay.png -> y, y_overlay_2: y's overlay is y_overlay.png). Compared without case,
+    as file systems on macOS and Windows do."""
+    taken, stems = set(), []
     for path in files:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        used[stem] = used.get(stem, 0) + 1
-        stems.append(stem if used[stem] == 1 else f"{stem}_{used[stem]}")
+        base = os.path.splitext(os.path.basename(path))[0]
+        stem, number = base, 1
+        while {stem.casefold(), (stem + OVERLAY_SUFFIX).casefold()} & taken:
+            number += 1
+            stem = f"{base}_{number}"
+        taken |= {stem.casefold(), (stem + OVERLAY_SUFFIX).casefold()}
+        stems.append(stem)
     return stems
+
+
+def check_outputs(out_dir: str, inputs: List[str], files: List[str], json_path=None) -> None:
+    """Refuse an output folder that is an input folder, or outputs that would overwrite an input image: the originals
+    would be lost, and the next run would segment its own outputs."""
+    out = os.path.realpath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    for path in inputs:
+        if os.path.isdir(path) and os.path.realpath(path) == out:
+            raise ValueError(f"--out {out_dir} is the input folder {path}: its outputs would overwrite images there "
+                             "or be read as inputs next time; choose another folder")
+    originals = {os.path.realpath(f) for f in files}
+    for stem in output_stems(files):
+        for name in (stem + ".png", stem + OVERLAY_SUFFIX + ".png"):
+            target = os.path.realpath(os.path.join(out_dir, name))
+            if target in originals:
+                raise ValueError(f"--out {out_dir}: {name} would overwrite the input image {target}; choose another "
+                                 "folder")
+    if json_path is not None:
+        if os.path.isdir(json_path):
+            raise ValueError(f"--json {json_path} is a folder; give a file name")
+        if os.path.realpath(json_path) in originals:
+            raise ValueError(f"--json {json_path} is an input image")
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be > 0, got {value}")
+        return value
+
+    return parse
+
+
+def check_device(device) -> None:
+    """A device the user named must exist here: a one-line error, not a traceback from deep inside torch."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r}: not a torch device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu, or omit --device)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def build_segmenter(args: argparse.Namespace):
@@ -170,6 +244,8 @@ def main(argv=None) -> None:
     if not files:
         parser.exit(2, f"{parser.prog}: error: no images to segment in {args.inputs}\n")
     try:
+        check_outputs(args.out, args.inputs, files, args.json)
+        check_device(args.device)
         segmenter = build_segmenter(args)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
@@ -186,7 +262,8 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
 
     ``already_skipped`` (inputs that were never files) are only listed in the JSON report.
     """
-    from .image_io import read_rgb
+    from .checkpoint import write_text_atomic
+    from .image_io import read_rgb, save_png_atomic
     from .progress import Progress
     from .visualize import class_palette, format_fraction, label_image, overlay_image
 
@@ -199,21 +276,25 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
     start = time.perf_counter()
     for index, path in enumerate(progress):
         stem = stems[index]
+        label_path = os.path.join(args.out, f"{stem}.png")
+        overlay_path = os.path.join(args.out, f"{stem}{OVERLAY_SUFFIX}.png")
+        written = []
         try:
             rgb = read_rgb(path, upright=True)  # as image viewers show it; the outputs then match that view
             result = segmenter.segment_rgb(rgb, return_scores=False)
-        except (ValueError, RuntimeError, OSError) as exc:  # one bad file must not stop the batch
+            labels = result.labels.numpy()
+            counts = result.pixel_counts()
+            fractions = {i: c / labels.size for i, c in counts.items()}
+            save_png_atomic(label_image(labels, palette), label_path)
+            written.append(label_path)
+            save_png_atomic(overlay_image(rgb, labels, names, palette, alpha=args.alpha, areas=fractions), overlay_path)
+        except (ValueError, RuntimeError, OSError) as exc:  # one bad file (or failed write) must not stop the batch
+            for done in written:  # an image's outputs come as a pair or not at all
+                os.unlink(done)
             message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
             progress.write(f"skipped {message}")
             failed.append((path, str(exc)))
             continue
-        labels = result.labels.numpy()
-        counts = result.pixel_counts()
-        fractions = {i: c / labels.size for i, c in counts.items()}
-        label_path = os.path.join(args.out, f"{stem}.png")
-        overlay_path = os.path.join(args.out, f"{stem}_overlay.png")
-        label_image(labels, palette).save(label_path)
-        overlay_image(rgb, labels, names, palette, alpha=args.alpha, areas=fractions).save(overlay_path)
         ordered = sorted(counts, key=lambda i: -counts[i])
         shown = ", ".join(f"{names[i]} {format_fraction(fractions[i])}" for i in ordered[:SUMMARY_CLASSES])
         more = f", +{len(ordered) - SUMMARY_CLASSES} more" if len(ordered) > SUMMARY_CLASSES else ""
@@ -229,10 +310,7 @@ def run_batch(segmenter, files: List[str], args: argparse.Namespace,
     if args.json:
         payload = {"model": segmenter.description, "classes": list(names), "images": records,
                    "skipped": [{"image": p, "error": e} for p, e in [*already_skipped, *failed]]}
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+        write_text_atomic(args.json, json.dumps(payload, indent=2))
     return failed
 
 

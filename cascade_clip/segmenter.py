@@ -19,10 +19,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .class_list import ClassList, official_templates, parse_classes
-from .image_io import normalize_rgb, read_rgb
+from .image_io import normalize_rgb, pil_to_rgb, read_rgb
 from .inference import check_windows, scores_at_original_size
 from .text import DEFAULT_CACHE_DIR
 from .train_config import AUTOCAST_DTYPES
@@ -56,17 +56,19 @@ class Segmentation:
 def as_rgb_uint8(image: ImageLike) -> np.ndarray:
     """Any supported image -> (H, W, 3) uint8 RGB.
 
-    Paths are read from disk, turned upright by their EXIF orientation; PIL images in any mode are converted (as they
-    are); numpy arrays are (H, W) or (H, W, 1|3|4);
-    tensors are (3|1|4, H, W) or (1, C, H, W) (the torchvision layout). Integer values are 0..255, float values
-    0..1 (torchvision's convention). Alpha is dropped, grayscale repeated.
+    Paths are read from disk and PIL images converted (16-bit and float modes scaled, not clipped), both turned upright
+    by their EXIF orientation (``seg(path)`` and ``seg(Image.open(path))`` agree); numpy arrays are (H, W) or
+    (H, W, 1|3|4); tensors are (3|1|4, H, W) or (1, C, H, W) (the torchvision layout). Integer values are 0..255,
+    float values 0..1 (torchvision's convention). Alpha is dropped, grayscale repeated.
     """
     if isinstance(image, (str, os.PathLike)):
         return read_rgb(os.fspath(image), upright=True)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        return pil_to_rgb(ImageOps.exif_transpose(image))
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
+        if tensor.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16
+            tensor = tensor.float()
         if tensor.dim() == 4 and tensor.shape[0] == 1:
             tensor = tensor[0]
         if tensor.dim() == 3:
@@ -82,10 +84,14 @@ def as_rgb_uint8(image: ImageLike) -> np.ndarray:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape[:2]:
         raise ValueError(f"image arrays are (H, W) or (H, W, 1|3|4) and non-empty; got shape {array.shape}")
+    if array.dtype == np.bool_:
+        raise ValueError("boolean arrays are masks, not images: pass uint8 (0..255) or float (0..1) values")
     if np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0 or array.max() > 1):
+        if not np.isfinite(array).all():
+            raise ValueError("the image holds NaN or inf values")
+        if array.min() < 0 or array.max() > 1:
             raise ValueError(
-                f"float images must hold values in [0, 1], got [{array.min():.3g}, {array.max():.3g}]; "
+                f"float images must hold values in [0, 1], got [{array.min():.9g}, {array.max():.9g}]; "
                 "pass uint8 for 0..255"
             )
         array = np.round(array * 255.0)
@@ -159,6 +165,9 @@ class Segmenter:
         self.score_fn = score_fn
         self.precision = precision
         self.class_names = tuple(class_names)
+        if len(self.class_names) == 1:
+            warnings.warn(f"one class ({self.class_names[0]!r}): every pixel gets it (the label is the best-scoring "
+                          "class); name the other things in the images too, e.g. 'background'", stacklevel=2)
         self.device = torch.device(device)
         self.short_side = short_side or None
         self.seen = tuple(seen)

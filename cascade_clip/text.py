@@ -44,11 +44,29 @@ def check_class_names(class_names: Sequence[str]) -> list:
         raise ValueError("the class list is empty")
     if any(not n for n in names):
         raise ValueError(f"empty class name in {list(class_names)}")
-    folded = [n.casefold() for n in names]  # CLIP's tokenizer lower-cases: "Sky" and "sky" are one class
+    # CLIP's tokenizer lower-cases and splits on white space: "Sky" and "sky", "fire hydrant" and "fire  hydrant" are
+    # one class
+    folded = [" ".join(n.casefold().split()) for n in names]
     duplicates = sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
     if duplicates:
-        raise ValueError(f"duplicate class names (compared without case): {duplicates}")
+        raise ValueError(f"duplicate class names (compared without case and spacing): {duplicates}")
     return names
+
+
+def warn_truncated_prompts(tokenizer, prompts: Sequence[str], names: Sequence[str]) -> None:
+    """Warn about class names whose prompt is longer than CLIP's context (77 tokens): the tokenizer cuts it, so names
+    that differ only past the cut get one embedding. Only for tokenizers that can count (open_clip's BPE one)."""
+    encode = getattr(tokenizer, "encode", None)
+    context = getattr(tokenizer, "context_length", None)
+    if encode is None or not context:
+        return
+    long = [name for prompt, name in zip(prompts, names) if len(encode(prompt)) + 2 > context]  # + start and end
+    if long:
+        import warnings
+
+        shown = ", ".join(repr(n[:40] + ("..." if len(n) > 40 else "")) for n in long[:3])
+        warnings.warn(f"{len(long)} class name(s) exceed CLIP's {context}-token context in their prompt and are cut "
+                      f"there ({shown}); names that differ only past the cut get the same embedding", stacklevel=3)
 
 
 def text_state_from_official(state_dict: Mapping[str, torch.Tensor]) -> dict:
@@ -100,8 +118,11 @@ def encode_class_names(
     tokenizer = open_clip.get_tokenizer(clip_model) if clip_model else open_clip.tokenize
     device = next(model.parameters()).device
     total = None
-    for template in templates:
+    for index, template in enumerate(templates):
         prompts = [template.format(name) for name in names]
+        if index == 0:
+            warn_truncated_prompts(tokenizer if clip_model else getattr(open_clip.tokenizer, "_tokenizer", None),
+                                   prompts, names)
         chunks = []
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start : start + batch_size]).to(device)
@@ -158,7 +179,14 @@ def load_embeddings(path: str, dim: Optional[int] = None) -> torch.Tensor:
         raise ValueError(f"{path}: embeddings are {array.shape[1]} wide, the model needs {dim}")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: embeddings must be floating point, got {array.dtype}")
-    return torch.from_numpy(array.astype(np.float32))
+    values = array.astype(np.float32)
+    broken = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if broken.size:
+        raise ValueError(f"{path}: rows {broken[:5].tolist()} hold NaN or inf values")
+    empty = np.flatnonzero(~values.any(axis=1))
+    if empty.size:
+        raise ValueError(f"{path}: rows {empty[:5].tolist()} are all zeros (no class direction)")
+    return torch.from_numpy(values)
 
 
 def class_embeddings(

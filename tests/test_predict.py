@@ -174,7 +174,13 @@ def test_calibration_follows_the_checkpoint_seen_classes(setup):
      (["--classes", CLASSES, "--set", "decoder_ffn_dim=128"], "does not match the model configuration"),
      (["--classes", CLASSES, "--set", "no_such_field=1"], "no_such_field"),
      (["--classes", "VOC"], "the presets are voc, context, coco (lower case)"),
-     (["--classes", "sky,Sky"], "duplicate class names (compared without case)"),
+     (["--classes", "sky,Sky"], "duplicate class names (compared without case and spacing)"),
+     (["--classes", "fire hydrant,fire  hydrant"], "duplicate class names"),
+     (["--classes", "myclasses.lst"], "class file not found: myclasses.lst"),
+     (["--classes", CLASSES, "--set", "crop_size=abc"], "crop_size"),
+     (["--classes", CLASSES, "--stride", "0"], "--stride must be > 0, got 0"),
+     (["--classes", CLASSES, "--crop-size", "0"], "--crop-size must be > 0, got 0"),
+     (["--classes", CLASSES, "--device", "bogus"], "--device 'bogus': not a torch device"),
      (["--classes", CLASSES, "--seen", "cat", "--no-calibration"], "pass one")],
 )
 def test_setup_errors_are_clear(setup, tmp_path, capsys, args, message):
@@ -264,3 +270,53 @@ def test_progress_off_a_terminal_prints_lines(capsys):
     assert list(Progress(["a.jpg", "b.jpg"], total=2, desc="predict")) == ["a.jpg", "b.jpg"]
     err = capsys.readouterr().err
     assert err.splitlines() == ["[1/2] a.jpg", "[2/2] b.jpg"] and "\r" not in err
+
+
+def test_output_names_never_collide():
+    stems = predict.output_stems(["a/x.png", "b/x.png", "c/x_2.png", "y.png", "y_overlay.png", "A.png", "a.jpg"])
+    assert stems == ["x", "x_2", "x_2_2", "y", "y_overlay_2", "A", "a_2"]
+    files = [name for stem in stems for name in (stem + ".png", stem + "_overlay.png")]
+    assert len({f.casefold() for f in files}) == len(files)
+
+
+def test_outputs_never_overwrite_inputs(setup, tmp_path, capsys):
+    """--out as the input folder, or outputs landing on an input image, are refused before any work (the originals
+    would be lost and the next run would segment its own outputs)."""
+    _, _, _, images = setup
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(images / "rgb.png").save(folder / "photo.png")
+    before = (folder / "photo.png").read_bytes()
+    for args, message in (([str(folder), "--out", str(folder)], "is the input folder"),
+                          ([str(folder / "photo.png"), "--out", str(folder)], "would overwrite the input image"),
+                          ([str(folder / "photo.png"), "--out", str(tmp_path / "o"), "--json", str(tmp_path)],
+                           "is a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_predict(setup, *args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (folder / "photo.png").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["photo.png"]
+
+
+def test_a_failed_write_skips_that_image_only(setup, tmp_path, capsys):
+    """An output that cannot be written (here a folder in the way of one overlay) costs that image, not the batch:
+    its label PNG is removed again (outputs come in pairs), the others are written and the JSON lists the failure."""
+    _, _, _, images = setup
+    out = tmp_path / "out"
+    (out / "gray_overlay.png").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        run_predict(setup, str(images / "gray.png"), str(images / "rgb.png"), "--out", str(out), "--json",
+                    str(tmp_path / "report.json"))
+    assert exit_info.value.code == 1
+    assert not (out / "gray.png").exists() and (out / "rgb.png").is_file() and (out / "rgb_overlay.png").is_file()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["image"] for r in report["images"]] == [str(images / "rgb.png")]
+    assert [r["image"] for r in report["skipped"]] == [str(images / "gray.png")]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_save_only_formats_are_not_inputs(tmp_path):
+    for name in ("doc.pdf", "data.h5", "photo.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    files, _ = predict.collect_inputs([str(tmp_path)])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["photo.jpg"]
+    assert ".pdf" not in predict.image_extensions() and ".png" in predict.image_extensions()

@@ -1,5 +1,7 @@
 """Class-name embeddings: templating, normalisation, official text weights, the disk cache, .npy files."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,26 @@ def test_activation_reaches_the_text_tower_and_the_cache_key(clip_file, tmp_path
     tower = text_mod.build_text_model("cascade-tiny", path, quick_gelu=False)
     assert type(tower.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU
     torch.testing.assert_close(gelu, text_mod.encode_class_names(tower, ["a", "b"], clip_model="cascade-tiny"))
+
+
+def test_embedding_files_with_nan_or_zero_rows_are_refused(tmp_path):
+    """A NaN row once made every pixel that class (NaN scores win the argmax), a zero row gives no direction."""
+    good = F.normalize(torch.randn(3, 8), dim=-1).numpy()
+    for row, value, message in ((1, np.nan, r"rows \[1\] hold NaN or inf"), (2, np.inf, r"rows \[2\] hold NaN or inf"),
+                                (0, 0.0, r"rows \[0\] are all zeros")):
+        bad = good.copy()
+        bad[row] = value
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(ValueError, match=message):
+            text_mod.load_embeddings(str(tmp_path / "bad.npy"))
+
+
+def test_names_past_clips_context_are_warned(clip_file):
+    path, _ = clip_file
+    long_names = ["a " + "very " * 80 + "red car", "a " + "very " * 80 + "blue car"]
+    with pytest.warns(UserWarning, match="2 class name\\(s\\) exceed CLIP's 77-token context"):
+        emb = text_mod.class_embeddings(long_names, clip_model="cascade-tiny", pretrained=path, cache_dir=None)
+    torch.testing.assert_close(emb[0], emb[1])  # what the warning is about: cut at the same token, one embedding
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text_mod.class_embeddings(["red car"], clip_model="cascade-tiny", pretrained=path, cache_dir=None)
