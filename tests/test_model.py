@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cascade_clip import CascadeCLIP, ModelConfig
 from cascade_clip.inference import slide_inference, window_starts
+from cascade_clip.loss import segmentation_loss
 from cascade_clip.official import LOSS_BUFFER_KEY, SKIPPED_KEY_PATTERNS, skip_reason
 
 from conftest import REFERENCE_DIR
@@ -234,6 +235,44 @@ def test_bad_labels_are_named(model):
         model.loss(out, labels.float())
 
 
+def test_loss_ignores_ignore_pixels_reaches_model_loss(model):
+    """loss_ignores_ignore_pixels=True (the README's documented deviation): model.loss is the loss without the 255
+    pixels; the default is the official loss, and the two differ on labels with 255 pixels."""
+    torch.manual_seed(3)
+    out = model(torch.randn(2, 3, 64, 64), random_text(7))
+    labels = torch.randint(0, 7, (2, 64, 64))
+    labels[:, :20] = 255
+    deviating = CascadeCLIP(tiny_config(loss_ignores_ignore_pixels=True))
+    kept = segmentation_loss(out["mask_logits"], labels, ignore_pixels=True, backend="reference")
+    official = segmentation_loss(out["mask_logits"], labels, ignore_pixels=False, backend="reference")
+    assert not torch.allclose(kept["loss"], official["loss"])
+    for key in ("loss_mask", "loss_dice", "loss"):
+        torch.testing.assert_close(deviating.loss(out, labels)[key], kept[key], msg=key)
+        torch.testing.assert_close(model.loss(out, labels)[key], official[key], msg=key)
+
+
+def test_quick_gelu_false_reaches_the_image_tower():
+    """quick_gelu=False (weights trained with GELU) switches the image tower too, not only the text tower: every
+    block's MLP holds nn.GELU, and the backbone computes with it (the same weights under QuickGELU with the
+    activations swapped for GELU give the same features; left as they are, other features)."""
+    from open_clip.transformer import QuickGELU
+
+    torch.manual_seed(0)
+    quick = CascadeCLIP(tiny_config()).eval()
+    plain = CascadeCLIP(tiny_config(quick_gelu=False)).eval()
+    plain.load_state_dict(quick.state_dict())
+    assert all(isinstance(block.mlp.gelu, QuickGELU) for block in quick.backbone.transformer.resblocks)
+    assert all(type(block.mlp.gelu) is torch.nn.GELU for block in plain.backbone.transformer.resblocks)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features, quick_features = plain.backbone(images).final, quick.backbone(images).final
+        for block in quick.backbone.transformer.resblocks:
+            block.mlp.gelu = torch.nn.GELU()
+        swapped = quick.backbone(images).final
+    torch.testing.assert_close(features, swapped, rtol=0, atol=0)
+    assert not torch.allclose(features, quick_features)
+
+
 def test_window_placement_is_official():
     # 512 crop, 426 stride on a 512 x 683 image: one row of windows, two columns, the second flush right.
     assert window_starts(512, 512, 426) == [(0, 512)]
@@ -280,10 +319,32 @@ def test_segment_window_batches_give_the_same_scores():
         model.segment(images, text, window_batch=0)
 
 
-def test_segment_handles_sizes_off_the_patch_grid():
+@pytest.mark.parametrize("size, windows", [
+    ((37, 50), [(0, 37, 0, 50)]),  # one window, below the crop on both sides
+    ((37, 100), [(0, 37, 0, 64), (0, 37, 36, 100)]),  # two overlapping 37 x 64 windows (x: 0 and max(100 - 64, 0))
+])
+def test_segment_pads_windows_off_the_patch_grid_and_crops_them_back(size, windows):
+    """Sides below the 64 crop that are not multiples of the 16 patch: each window is zero-padded at the bottom and
+    right to 48 x 64, run, and its logits cropped back to the top-left h x w (the window's own pixels) before the
+    sigmoid, the calibration and the average. The official test resizes images to a short side of 512 >= crop, so its
+    windows never need this (MODEL_SPEC.md section 4); the windows themselves are the official placement."""
+    height, width = size
     model = CascadeCLIP(tiny_config(crop_size=64, stride=48)).eval()
-    scores = model.segment(torch.randn(2, 3, 37, 50), random_text(3))
-    assert scores.shape == (2, 3, 37, 50) and torch.isfinite(scores).all()
+    images, text = torch.randn(2, 3, height, width), random_text(20)  # 20 rows: the VOC classes, seen ones calibrated
+    scores = model.segment(images, text)
+    assert scores.shape == (2, 20, height, width)
+    total = torch.zeros(2, 20, height, width)
+    count = torch.zeros(height, width)
+    for y1, y2, x1, x2 in windows:
+        h, w = y2 - y1, x2 - x1
+        padded = F.pad(images[:, :, y1:y2, x1:x2], (0, -w % 16, 0, -h % 16))  # (left, right, top, bottom), zeros
+        assert padded.shape[-2:] == (48, 64)
+        with torch.no_grad():
+            window_scores = torch.sigmoid(model(padded, text)["mask_logits"][:, :, :h, :w])
+        window_scores[:, list(model.cfg.seen)] -= model.cfg.seen_calibration
+        total[:, :, y1:y2, x1:x2] += window_scores
+        count[y1:y2, x1:x2] += 1
+    torch.testing.assert_close(scores, total / count)
     with pytest.raises(ValueError, match="out of range"):
         model.segment(torch.randn(1, 3, 64, 64), random_text(3), seen=[3])
 

@@ -7,6 +7,8 @@ so every dtype runs here. With a GPU the ``gpu`` tests add the training shapes (
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,17 +113,40 @@ def test_noncontiguous_logits_and_labels_stride0_grad():
     _check_parity(logits, labels, ignore_pixels=False, grad="sum")
 
 
-def test_sums_are_what_they_say():
-    """The reference sums against a direct count on a tiny case (the reference is the official formulation)."""
-    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 3.0]]]], device=DEVICE)  # (1, 1, 2, 2)
-    labels = torch.tensor([[[0, 255], [0, 7]]], device=DEVICE)
+def _hand_sums(logits, labels, ignore_pixels):
+    """[focal, p, p * t, t] per class from the official per-pixel formulas, in Python floats (float64):
+    focal = BCE(x, t) * (1 - p_t)^2 * alpha_t with p = sigmoid(x), p_t = p if t else 1 - p, alpha_t = 0.25 if t else
+    0.75; label 255 is a negative of every class, and with ``ignore_pixels`` it is left out of the first three sums."""
+    sums = []
+    for c, channel in enumerate(logits):
+        focal = prob = prob_t = target = 0.0
+        for x, label in zip(channel, labels):
+            t = 1.0 if label == c else 0.0
+            p = 1.0 / (1.0 + math.exp(-x))
+            bce = -(t * math.log(p) + (1.0 - t) * math.log(1.0 - p))
+            p_t = p if t else 1.0 - p
+            target += t
+            if ignore_pixels and label == 255:
+                continue
+            focal += bce * (1.0 - p_t) ** 2 * (0.25 if t else 0.75)
+            prob += p
+            prob_t += p * t
+        sums.append([focal, prob, prob_t, target])
+    return sums
+
+
+@pytest.mark.parametrize("ignore_pixels", [False, True])
+def test_sums_are_what_they_say(ignore_pixels):
+    """Every column, the focal term included, of both backends against the formulas worked out pixel by pixel on a
+    2-class, 2 x 3 image with one ignored pixel (labelled pixels of both classes, an absent-class channel elsewhere)."""
+    logits = [[0.0, 2.0, -1.0, 3.0, 0.5, -2.5], [1.5, -2.0, 0.5, -0.5, 4.0, 1.0]]  # (C, H * W)
+    labels = [0, 255, 1, 0, 0, 1]
+    expected = torch.tensor(_hand_sums(logits, labels, ignore_pixels), dtype=torch.float32, device=DEVICE)
+    x = torch.tensor(logits, device=DEVICE).view(1, 2, 2, 3)
+    y = torch.tensor(labels, device=DEVICE).view(1, 2, 3)
     for backend in ("reference", "triton"):
-        sums = ops.loss_sums(logits, labels, backend=backend)[0, 0]
-        p = torch.sigmoid(logits.flatten())
-        assert torch.allclose(sums[1], p.sum()) and torch.allclose(sums[2], p[0] + p[2])
-        assert sums[3].item() == 2.0
-        kept = ops.loss_sums(logits, labels, ignore_pixels=True, backend=backend)[0, 0]
-        assert torch.allclose(kept[1], p[[0, 2, 3]].sum())
+        sums = ops.loss_sums(x, y, ignore_pixels=ignore_pixels, backend=backend)[0]
+        _assert_close(f"{backend} sums (ignore_pixels={ignore_pixels})", sums, expected, SUMS_TOLERANCE)
 
 
 @pytest.mark.parametrize("ignore_pixels", [False, True])
@@ -144,7 +169,8 @@ def test_bad_inputs_are_named():
     logits, labels = _inputs(2, 3, 4, 5, torch.float32)
     with pytest.raises(ValueError, match=r"labels must be \(B, H, W\) = \(2, 4, 5\), got \(2, 4, 6\)"):
         ops.loss_sums(logits, torch.zeros(2, 4, 6, dtype=torch.long, device=DEVICE))
-    with pytest.raises(ValueError, match="labels must be an integer tensor, got torch.float32"):
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor \(uint8, int8, int16, int32, int64\), "
+                                         r"got float32"):
         ops.loss_sums(logits, labels.float())
     with pytest.raises(ValueError, match=r"logits must be \(B, C, H, W\)"):
         ops.loss_sums(logits[0], labels)

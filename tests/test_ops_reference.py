@@ -110,11 +110,44 @@ def test_backend_switch():
         ops.set_backend(previous)
 
 
+def _small_cases():
+    """(op name, fn(*inputs, backend=...), float32 inputs) of every op; labels with ignored pixels for loss_sums."""
+    labels = torch.randint(0, 3, (2, 4, 5))
+    labels[0, 0] = 255
+    cases = [
+        ("nga", ops.nga, [torch.randn(2, 3, 1, 6, 8), torch.rand(2, 3)]),
+        ("descriptor", ops.descriptor, [torch.randn(5, 16), torch.randn(2, 16), torch.randn(3, 7, 32) * 0.25,
+                                        torch.randn(3, 7)]),
+    ]
+    for normalize in (False, True):
+        cases.append((f"mask_logits(normalize={normalize})",
+                      lambda q, k, s, backend, n=normalize: ops.mask_logits(q, k, s, normalize=n, backend=backend),
+                      [torch.randn(3, 2, 5, 16) * 0.5, torch.randn(3, 2, 7, 16) * 0.5, torch.rand(3) + 0.1]))
+    for ignore in (False, True):
+        cases.append((f"loss_sums(ignore_pixels={ignore})",
+                      lambda x, y, backend, i=ignore: ops.loss_sums(x, y, ignore_pixels=i, backend=backend),
+                      [torch.randn(2, 3, 4, 5) * 3, labels]))
+    return cases
+
+
 def test_every_available_backend_agrees_with_reference_on_a_small_case():
-    feats, weights = torch.randn(2, 3, 1, 6, 8), torch.rand(2, 3)
-    expected = ops.nga(feats, weights, backend="reference")
-    for name in ops.available_backends():
-        torch.testing.assert_close(ops.nga(feats, weights, backend=name), expected)
+    """All four ops (both modes of mask_logits and loss_sums), outputs and the gradients of every float input, on
+    each loaded backend's own device (Triton: CUDA, or the CPU under its interpreter)."""
+    backends = [name for name in ops.available_backends() if name != "reference"]
+    assert backends, "no backend besides the reference loaded"
+    for name in backends:
+        device = "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
+        for op, fn, inputs in _small_cases():
+            runs = {}
+            for backend in ("reference", name):
+                leaves = [x.detach().clone().to(device).requires_grad_(x.is_floating_point()) for x in inputs]
+                out = fn(*leaves, backend=backend)
+                out.backward(torch.linspace(-1, 1, out.numel(), device=device).view(out.shape))
+                runs[backend] = out.detach(), [x.grad for x in leaves if x.is_floating_point()]
+            (ref_out, ref_grads), (out, grads) = runs["reference"], runs[name]
+            torch.testing.assert_close(out, ref_out, msg=lambda m: f"{op} on {name}: output: {m}")
+            for i, (g, r) in enumerate(zip(grads, ref_grads)):
+                torch.testing.assert_close(g, r, msg=lambda m: f"{op} on {name}: gradient of input {i}: {m}")
 
 
 def test_environment_variable_sets_the_default():
@@ -125,6 +158,29 @@ def test_environment_variable_sets_the_default():
     env["CASCADE_CLIP_BACKEND"] = "bogus"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "auto" and "ignored" in out.stderr
+
+
+def test_required_backend_that_fails_to_load_stops_the_test_run(tmp_path):
+    """`make test` sets CASCADE_CLIP_REQUIRE_BACKENDS: a required backend that does not load, or an unknown name, stops
+    pytest at the start with the load error (instead of the backend's tests being skipped). The C++ extension's import
+    is blocked by a plugin that runs before tests/conftest.py; only collection is asked for (the check precedes it)."""
+    (tmp_path / "block_cpp_extension.py").write_text("import sys\nsys.modules['cascade_clip._C'] = None\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    command = [sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", "tests/test_ops_reference.py"]
+
+    def run(required, *extra):
+        return subprocess.run([*command, *extra], cwd=root, env={**env, "CASCADE_CLIP_REQUIRE_BACKENDS": required},
+                              capture_output=True, text=True, timeout=300)
+
+    blocked = run("cpp,cuda-magic", "-p", "block_cpp_extension")
+    out = blocked.stdout + blocked.stderr
+    assert blocked.returncode == 1, out[-3000:]
+    assert "CASCADE_CLIP_REQUIRE_BACKENDS=cpp,cuda-magic" in out and "'cuda-magic' is not an ops backend" in out
+    assert "'cpp' did not load" in out and "cascade_clip._C failed to load: import of cascade_clip._C halted" in out
+    assert "collected" not in out  # stopped before collecting
+    fine = run("reference")
+    assert fine.returncode == 0 and "collected" in fine.stdout, fine.stdout[-2000:] + fine.stderr[-2000:]
 
 
 def test_ops_import_stays_light():

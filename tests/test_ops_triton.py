@@ -129,17 +129,6 @@ def test_nga_noncontiguous_and_stride0_grad():
     _check_parity(ops.nga, [feats, weights], torch.float32, ["feats", "weights"], grad_mode="sum")
 
 
-def test_nga_weight_grad_is_deterministic():
-    feats = _randn(2, 3, 2, 33, 65).requires_grad_()
-    weights = torch.rand(2, 3, device=DEVICE).requires_grad_()
-    grads = []
-    for _ in range(2):
-        weights.grad = None
-        ops.nga(feats, weights, backend="triton").pow(2).sum().backward()
-        grads.append(weights.grad.clone())
-    assert torch.equal(grads[0], grads[1])
-
-
 # ---------------------------------------------------------------- descriptor
 
 DESC_SHAPES = [(5, 24, 2, 3, 19), (1, 16, 1, 1, 16), (7, 33, 3, 2, 17)]  # (C, d, B, S, e)
@@ -443,20 +432,103 @@ def test_mask_logits_parity_real(B, C, N, dtype, normalize):
     _check_parity(_mask_fn(normalize), [q, k, scale], dtype, ["q", "k", "scale"])
 
 
+# Bitwise determinism of every op at real shapes (GPU only: the interpreter runs one program at a time, so even a
+# reduction by atomics would repeat itself there). (S, K, B, N, D) for NGA, (C, d, B, S, e) for the descriptor,
+# (S, B, C, N, d) for the mask logits, (B, C, H, W) for the loss sums: N = 1024 is the 512 crop's 32 x 32 grid, C = 171
+# COCO-Stuff's classes.
+DETERMINISM_SHAPES = {
+    "nga": (3, 3, 2, 1024, 512),
+    "descriptor": (171, 512, 8, 3, 512),
+    "mask_logits": (3, 2, 171, 1024, 512),
+    "loss_sums": (2, 171, 512, 512),
+}
+DETERMINISM_OPS = ["nga", "descriptor", "mask_logits_raw", "mask_logits_cosine", "loss_sums", "loss_sums_ignore_pixels"]
+
+
+def _determinism_case(op, dtype):
+    """(input names, fn(*inputs, backend=...), inputs) of one op at DETERMINISM_SHAPES."""
+    if op == "nga":
+        shape = DETERMINISM_SHAPES["nga"]
+        return ["feats", "weights"], ops.nga, [_randn(*shape, dtype=dtype), torch.rand(shape[:2], device=DEVICE)]
+    if op == "descriptor":
+        return ["text", "g", "weight", "bias"], ops.descriptor, _descriptor_inputs(*DETERMINISM_SHAPES[op], dtype)
+    if op.startswith("mask_logits"):
+        S, B, C, N, d = DETERMINISM_SHAPES["mask_logits"]
+        q, k = _randn(S, B, C, d, dtype=dtype, scale=d**-0.25), _randn(S, B, N, d, dtype=dtype, scale=d**-0.25)
+        return ["q", "k", "scale"], _mask_fn(op == "mask_logits_cosine"), [q, k, torch.rand(S, device=DEVICE) + 0.1]
+    B, C, H, W = DETERMINISM_SHAPES["loss_sums"]
+    labels = torch.randint(0, C, (B, H, W), device=DEVICE)
+    labels[torch.rand(B, H, W, device=DEVICE) < 0.2] = 255
+    ignore = op == "loss_sums_ignore_pixels"
+
+    def fn(logits, labels, backend):
+        return ops.loss_sums(logits, labels, ignore_pixels=ignore, backend=backend)
+
+    return ["logits", "labels"], fn, [_randn(B, C, H, W, dtype=dtype, scale=3.0), labels]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (torch.equal on floats would take -0.0 for 0.0 and fail on equal NaNs)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) if t.is_floating_point() else t
+
+
+def _check_bitwise_determinism(op, dtype, repeats=3):
+    names, fn, inputs = _determinism_case(op, dtype)
+    runs = []
+    cot = None
+    for _ in range(repeats):  # fresh leaves each time: new buffers, the same values
+        leaves = _leaves(inputs)
+        y = fn(*leaves, backend="triton")
+        if cot is None:
+            cot = torch.randn(y.shape, device=y.device).to(y.dtype)
+        y.backward(cot)
+        runs.append((y.detach(), {n: x.grad for n, x in zip(names, leaves) if x.is_floating_point()}))
+    first_y, first_grads = runs[0]
+    assert first_grads and all(g is not None for g in first_grads.values()), f"{op}: missing gradients {first_grads}"
+    for i, (y, grads) in enumerate(runs[1:], start=2):
+        assert torch.equal(_bits(y), _bits(first_y)), f"{op} ({dtype}): output of run {i} differs bitwise from run 1"
+        for name, g in grads.items():
+            assert torch.equal(_bits(g), _bits(first_grads[name])), (
+                f"{op} ({dtype}): d{name} of run {i} differs bitwise from run 1 (max abs diff "
+                f"{(g.double() - first_grads[name].double()).abs().max().item():.3e})")
+
+
 @gpu
-def test_compile_fullgraph_real_bf16():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", DETERMINISM_OPS)
+def test_every_op_is_bitwise_deterministic(op, dtype):
+    """Forward and every gradient, three runs: bitwise equal (README: the fused reductions use no atomics)."""
+    _check_bitwise_determinism(op, dtype)
+
+
+def _compiled_against_eager(q, k, scale, dtype):
+    """Cosine mask logits compiled (fullgraph) and eager on separate leaves: the output against the eager triton run
+    and the reference, every gradient against the eager triton run, at ``dtype``'s tolerance."""
     torch._dynamo.reset()
-    q = _randn(3, 2, 171, 512, dtype=torch.bfloat16).requires_grad_()
-    k = _randn(3, 2, 1024, 512, dtype=torch.bfloat16).requires_grad_()
-    scale = torch.full((3,), 0.1, device=DEVICE, requires_grad=True)
+    ops.available_backends()
 
     def fn(q, k, scale):
         return ops.mask_logits(q, k, scale, normalize=True, backend="triton")
 
-    y = torch.compile(fn, fullgraph=True)(q, k, scale)
-    _assert_close("compiled", y, ops.mask_logits(q, k, scale, normalize=True, backend="reference"), torch.bfloat16)
-    y.float().sum().backward()
-    assert q.grad is not None and k.grad is not None and scale.grad is not None
+    comp_in, eager_in = _leaves([q, k, scale]), _leaves([q, k, scale])
+    y_c = torch.compile(fn, fullgraph=True)(*comp_in)
+    y_e = fn(*eager_in)
+    _assert_close("compiled output", y_c, y_e, dtype)
+    _assert_close("compiled output vs reference", y_c, ops.mask_logits(q, k, scale, normalize=True,
+                                                                        backend="reference"), dtype)
+    cot = torch.randn(y_e.shape, device=y_e.device).to(y_e.dtype)
+    y_c.backward(cot)
+    y_e.backward(cot)
+    for name, c, e in zip(["q", "k", "scale"], comp_in, eager_in):
+        assert c.grad is not None and e.grad is not None, f"d{name}: missing gradient"
+        _assert_close(f"compiled d{name}", c.grad, e.grad, dtype)
+
+
+@gpu
+def test_compile_fullgraph_real_bf16():
+    q = _randn(3, 2, 171, 512, dtype=torch.bfloat16)
+    k = _randn(3, 2, 1024, 512, dtype=torch.bfloat16)
+    _compiled_against_eager(q, k, torch.full((3,), 0.1, device=DEVICE), torch.bfloat16)
 
 
 # ---------------------------------------------------------------- benchmark plumbing (CPU side)

@@ -41,9 +41,11 @@ def test_every_image_type_gives_the_same_result(segmenter, tmp_path):
     ]
     expected = segmenter(rgb)
     assert expected.labels.shape == (30, 50) and expected.scores.shape == (3, 30, 50)
-    for variant in variants:
+    for i, variant in enumerate(variants):
         np.testing.assert_array_equal(as_rgb_uint8(variant), rgb)
-    torch.testing.assert_close(segmenter(variants[-2]).scores, expected.scores)
+        result = segmenter(variant)  # the segmenter's own path for each type, not only the conversion
+        torch.testing.assert_close(result.scores, expected.scores, rtol=0, atol=0, msg=f"variant {i}")
+        assert torch.equal(result.labels, expected.labels), f"variant {i}"
     gray = segmenter(rgb[:, :, 0])
     assert gray.labels.shape == (30, 50)
     assert sum(expected.areas().values()) == pytest.approx(1.0)
@@ -52,7 +54,9 @@ def test_every_image_type_gives_the_same_result(segmenter, tmp_path):
 
 @pytest.mark.parametrize(
     "image, message",
-    [(np.full((4, 4, 3), 2.0), "values in \\[0, 1\\]"), (np.zeros((4, 4, 2), np.uint8), "\\(H, W, 1\\|3\\|4\\)"),
+    [(np.full((4, 4, 3), 1.0000001, np.float32), "got \\[1.00000012, 1.00000012\\]"),
+     (np.ones((4, 4, 3), bool), "boolean arrays are masks"), (np.full((4, 4), np.nan), "NaN or inf"),
+     (np.full((4, 4, 3), 2.0), "values in \\[0, 1\\]"), (np.zeros((4, 4, 2), np.uint8), "\\(H, W, 1\\|3\\|4\\)"),
      (torch.zeros(5, 4, 4), "C in 1, 3, 4"), ([1, 2], "unsupported image type")],
 )
 def test_bad_images(image, message):
@@ -167,3 +171,53 @@ def test_checkpoint_whose_clip_file_moved_names_it_and_the_flags(tmp_path):
     save_model_checkpoint(path, model)
     with pytest.raises(ValueError, match=r"records its CLIP weights as weights/gone.pt .*--clip-weights.*--text-embeddings"):
         Segmenter.from_checkpoint(path, "cat,dog", short_side=64, device="cpu", cache_dir=None)
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values to 255 (a white picture) and floats to 0 (black): they are scaled to
+    8 bits instead, from files and from PIL images alike."""
+    from cascade_clip.image_io import read_rgb
+
+    ramp = np.linspace(0, 65535, 5 * 7).reshape(5, 7).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode.startswith("I")
+        from_pil = as_rgb_uint8(image)
+    expected = np.repeat(np.round(ramp / 257.0).astype(np.uint8)[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(read_rgb(str(tmp_path / "deep.png")), expected)
+    np.testing.assert_array_equal(from_pil, expected)
+    unit = np.linspace(0, 1, 5 * 7, dtype=np.float32).reshape(5, 7)
+    np.testing.assert_array_equal(as_rgb_uint8(Image.fromarray(unit)), as_rgb_uint8(unit))
+    with pytest.raises(ValueError, match=r"mode F\) image must hold values in \[0, 1\]"):
+        as_rgb_uint8(Image.fromarray(unit * 300))
+
+
+def test_pil_images_are_turned_upright_like_paths(tmp_path):
+    """seg(Image.open(p)) and seg(p) see the same (displayed) picture of an EXIF-rotated photo."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (10, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "p.jpg", exif=exif)
+    with Image.open(tmp_path / "p.jpg") as image:
+        from_pil = as_rgb_uint8(image)
+    np.testing.assert_array_equal(from_pil, as_rgb_uint8(str(tmp_path / "p.jpg")))
+    assert from_pil.shape == (16, 10, 3)
+
+
+def test_half_precision_tensors_are_images():
+    image = torch.rand(3, 6, 5)
+    np.testing.assert_array_equal(as_rgb_uint8(image.bfloat16()), as_rgb_uint8(image.bfloat16().float()))
+
+
+def test_images_over_pils_size_limit_are_a_named_error(tmp_path, monkeypatch):
+    from cascade_clip.image_io import read_rgb
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels is over twice the limit: PIL's error, not a warning
+    with pytest.raises(ValueError, match="big.png: larger than PIL's safety limit of 100 pixels"):
+        read_rgb(str(tmp_path / "big.png"))
+
+
+def test_one_class_is_warned(tmp_path):
+    with pytest.warns(UserWarning, match="one class \\('cat'\\): every pixel gets it"):
+        Segmenter(score_fn=lambda x: x, class_names=["cat"])

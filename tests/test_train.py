@@ -274,6 +274,32 @@ def test_kill_9_then_resume_equals_uninterrupted(data_root, tmp_path):
         train.main(args + ["--resume", str(tmp_path / "two_ranks.pt")])
 
 
+def test_loss_ignores_ignore_pixels_reaches_the_training_loss(data_root, tmp_path, monkeypatch):
+    """model.loss_ignores_ignore_pixels=true (the README's documented deviation) is the loss training computes: each
+    step's loss terms are those without the 255 pixels, which differ from the official terms on these labels."""
+    from cascade_clip import loss as loss_mod
+
+    real = loss_mod.loss_terms
+    calls = []
+
+    def spy(mask_logits, labels, **kwargs):
+        terms = real(mask_logits, labels, **kwargs)
+        calls.append((mask_logits.detach().clone(), labels.clone(), {k: v.detach().clone() for k, v in terms.items()}))
+        return terms
+
+    monkeypatch.setattr(loss_mod, "loss_terms", spy)  # train imports it from cascade_clip.loss when it runs
+    args = tiny_overrides(data_root, str(tmp_path / "w"), iters=1) + ["model.loss_ignores_ignore_pixels=true"]
+    train.main(["--config", "voc", *sum((["--set", o] for o in args), [])])
+    assert calls, "training computed no loss through cascade_clip.loss.loss_terms"
+    for logits, labels, terms in calls:
+        assert (labels == 255).any()  # unseen classes and padding: the flag matters on this batch
+        kept = real(logits, labels, ignore_pixels=True, backend="reference")
+        official = real(logits, labels, ignore_pixels=False, backend="reference")
+        for key in ("focal", "dice", "masks"):
+            torch.testing.assert_close(terms[key], kept[key], msg=key)
+        assert not torch.allclose(official["focal"], kept["focal"])
+
+
 def test_gradient_accumulation_equals_the_larger_batch(data_root, tmp_path):
     """batch 2 x grad_accum 2 trains to the weights of batch 4 (the same four images per step, dropout off), with the
     same logged losses: the micro-batches are normalised as one batch."""
@@ -332,11 +358,11 @@ def test_bad_input_leaves_an_existing_run_untouched(data_root, tmp_path):
 
 def test_text_embedding_file_shape_mismatch(data_root, tmp_path):
     bad = tmp_path / "text.npy"
-    np.save(bad, np.zeros((5, 64), np.float32))  # 6 classes in the synthetic set
+    np.save(bad, np.ones((5, 64), np.float32))  # 6 classes in the synthetic set
     args = ["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, str(tmp_path / "w"))), [])]
     with pytest.raises(ValueError, match=r"text\.npy: 5 text embeddings \(shape \(5, 64\)\) for 6 classes"):
         train.main(args + ["--text-embeddings", str(bad)])
-    np.save(bad, np.zeros((6, 32), np.float32))
+    np.save(bad, np.ones((6, 32), np.float32))
     with pytest.raises(ValueError, match=r"text\.npy: embeddings are 32 wide, the model needs 64"):
         train.main(args + ["--text-embeddings", str(bad)])
     with pytest.raises(ValueError, match="data root not found"):
