@@ -12,6 +12,11 @@ Shapes (VOC training: B=2 images, 32x32 grid -> N=1024 tokens, width D=512, C=15
 Providers: ``eager`` (the official formulation, ``bench/official_ops.py``), ``compile`` (``torch.compile`` of it),
 ``reference`` (our reference backend) and ``cpp`` (the C++ extension), each in mode ``fwd`` (inference, no autograd)
 and ``fwd+bwd`` (forward, then backward of a fixed random output gradient into every input).
+
+``eager`` and ``compile`` get the inputs as the official head holds them: every tap, every stage's q and k and every
+stage's parameters as separate tensors, with per-stage outputs (the ``*_stages`` functions of ``official_ops``).
+Slicing the stacked tensors of the ``cascade_clip.ops`` API instead would charge the baseline a zero-filled gradient
+of the whole stacked tensor per slice in the backward (rows of this file's CSV before 2026-11-28 14:40 did that).
 """
 
 from __future__ import annotations
@@ -76,17 +81,53 @@ def make_case(op: str, dtype: torch.dtype = torch.float32, requires_grad: bool =
 _compiled: Dict[str, Callable] = {}
 
 
+def official_layout(case: Case, requires_grad: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``(inputs, output gradients)`` as the official head has them: separate leaf tensors with the case's values
+    (nga: the S*K taps stage-major, then each stage's weights; descriptor: text, g, each stage's weight, each stage's
+    bias; mask_logits: each stage's q, then each stage's k) and one gradient per official output."""
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(requires_grad)
+
+    if case.op == "nga":
+        feats, weights = case.inputs
+        inputs = [leaf(feats[s, k]) for s in range(feats.shape[0]) for k in range(feats.shape[1])]
+        return inputs + [leaf(w) for w in weights], list(case.grad)
+    if case.op == "descriptor":
+        text, g, weight, bias = case.inputs
+        return [leaf(text), leaf(g)] + [leaf(w) for w in weight] + [leaf(b) for b in bias], list(case.grad)
+    q, k = case.inputs
+    return [leaf(t) for t in q] + [leaf(t) for t in k], [case.grad]
+
+
+def official_fn(case: Case) -> Callable[..., List[torch.Tensor]]:
+    """The official formulation over :func:`official_layout`'s inputs (flat arguments), returning a list."""
+    if case.op == "nga":
+        stages, taps = case.inputs[1].shape
+
+        def fn(*xs):
+            return official_ops.nga_stages([xs[s * taps:(s + 1) * taps] for s in range(stages)], xs[stages * taps:])
+
+    elif case.op == "descriptor":
+        stages = case.inputs[2].shape[0]
+
+        def fn(text, g, *params):
+            return official_ops.descriptor_stages(text, g, params[:stages], params[stages:])
+
+    else:
+        stages, heads = case.inputs[0].shape[0], case.extra["heads"]
+
+        def fn(*xs):
+            return [official_ops.mask_logits_stages(xs[:stages], xs[stages:], heads)]
+
+    return fn
+
+
 def provider_fn(op: str, provider: str, case: Case) -> Callable[..., torch.Tensor]:
-    """A function of the case's input tensors computing ``op`` with ``provider``."""
+    """A function of the case's input tensors computing ``op`` with ``provider`` (``eager`` and ``compile``: of the
+    inputs of :func:`official_layout`, returning a list of outputs)."""
     if provider in ("eager", "compile"):
-        if op == "mask_logits":
-            heads = case.extra["heads"]
-
-            def fn(q, k):
-                return official_ops.mask_logits(q, k, heads)
-
-        else:
-            fn = getattr(official_ops, op)
+        fn = official_fn(case)
         if provider == "compile":
             if op not in _compiled:
                 _compiled[op] = torch.compile(fn)
@@ -114,7 +155,10 @@ def make_step(op: str, provider: str, mode: str, dtype: torch.dtype = torch.floa
     """A zero-argument callable that runs one timed iteration of ``op``/``provider``/``mode``."""
     case = make_case(op, dtype, requires_grad=(mode == "fwd+bwd"))
     fn = provider_fn(op, provider, case)
-    inputs, grad = case.inputs, case.grad
+    if provider in ("eager", "compile"):
+        inputs, grads = official_layout(case, requires_grad=(mode == "fwd+bwd"))
+    else:
+        inputs, grads = case.inputs, [case.grad]
     if mode == "fwd":
 
         def step():
@@ -126,7 +170,8 @@ def make_step(op: str, provider: str, mode: str, dtype: torch.dtype = torch.floa
         def step():
             for t in inputs:
                 t.grad = None
-            fn(*inputs).backward(grad)
+            out = fn(*inputs)
+            torch.autograd.backward(out if isinstance(out, list) else [out], grads)
 
     else:
         raise ValueError(f"unknown mode {mode!r}")

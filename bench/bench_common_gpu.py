@@ -7,6 +7,11 @@ Providers: ``eager`` is the official formulation (``bench/official_ops.py``: Pyt
 per-head logits averaged over heads, the element-wise focal + dice loss), ``compile`` is ``torch.compile`` of it,
 ``triton`` is our backend through ``cascade_clip.ops`` (for the loss: ``cascade_clip.loss.segmentation_loss`` on the
 fused ``loss_sums``). Modes: ``fwd`` and ``fwd+bwd`` (backward of a fixed random cotangent to every float input).
+
+Every provider gets what its model gets, with the same values: ``triton`` the stacked tensors the model passes to
+``cascade_clip.ops``, ``eager`` and ``compile`` the separate tensors the official head holds (each tap, each stage's
+q and k, each stage's Linear) and per-stage outputs (:func:`official_inputs`). Slicing stacked inputs instead would
+charge the baseline a full-size zero-filled gradient per slice in the backward, work the official code never does.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ TIMINGS = ("launch", "graph")
 DTYPE_OF = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 CSV_FIELDS = [
-    "date", "card", "torch", "triton", "commit", "op", "variant", "provider", "mode", "timing", "shape", "dtype",
+    "date", "run", "card", "torch", "triton", "commit", "op", "variant", "provider", "mode", "timing", "shape", "dtype",
     "p50_ms", "p20_ms", "p80_ms", "gbps", "tflops", "frac_copy_bw", "frac_mm_peak", "peak_mem_mib",
     "copy_gbps_measured", "mm_tflops_measured",
 ]
@@ -138,16 +143,46 @@ def _mask_params(case: Case):
     return heads, normalize, scale
 
 
-def eager_fn(case: Case) -> Callable:
-    """The official formulation of the case's op, taking the inputs of :func:`make_inputs`."""
+def official_inputs(case: Case, stacked: Sequence[torch.Tensor], requires_grad: bool) -> List[torch.Tensor]:
+    """The inputs of :func:`make_inputs` laid out as the official head holds them, as separate leaf tensors with the
+    same values: nga: the S*K taps (stage-major), then each stage's (K,) weights; descriptor: text, g, each stage's
+    weight, then each stage's bias; mask_logits: each stage's q, then each stage's k; loss: unchanged."""
+    if case.op == "loss":
+        return list(stacked)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(requires_grad)
+
     if case.op == "nga":
-        return official_ops.nga
+        feats, weights = stacked
+        return [leaf(feats[s, k]) for s in range(case.S) for k in range(case.K)] + [leaf(w) for w in weights]
     if case.op == "descriptor":
-        return official_ops.descriptor
+        text, g, weight, bias = stacked
+        return [leaf(text), leaf(g)] + [leaf(w) for w in weight] + [leaf(b) for b in bias]
+    q, k = stacked
+    return [leaf(t) for t in q] + [leaf(t) for t in k]
+
+
+def eager_fn(case: Case) -> Callable:
+    """The official formulation of the case's op, taking the inputs of :func:`official_inputs` (flat, so that the
+    timing loops and ``torch.compile`` see plain tensor arguments); nga and the descriptor return one output per
+    stage, as the official head uses them."""
+    S, K = case.S, case.K
+    if case.op == "nga":
+        def nga(*xs):
+            return official_ops.nga_stages([xs[s * K:(s + 1) * K] for s in range(S)], xs[S * K:])
+        return nga
+    if case.op == "descriptor":
+        def descriptor(text, g, *params):
+            return official_ops.descriptor_stages(text, g, params[:S], params[S:])
+        return descriptor
     if case.op == "loss":
         return official_ops.seg_loss
     heads, normalize, _ = _mask_params(case)
-    return lambda q, k: official_ops.mask_logits(q, k, heads, normalize)
+
+    def mask_logits(*xs):
+        return official_ops.mask_logits_stages(xs[:S], xs[S:], heads, normalize)
+    return mask_logits
 
 
 _COMPILED: Dict[str, Callable] = {}
@@ -163,11 +198,13 @@ def _configure_dynamo() -> None:
 
 
 def provider_fn(case: Case, provider: str, device: str) -> Callable:
+    """The callable of ``provider``: ``eager`` and ``compile`` take :func:`official_inputs`, ``triton`` takes
+    :func:`make_inputs`."""
     if provider == "eager":
         return eager_fn(case)
     if provider == "compile":
         _configure_dynamo()
-        key = f"{case.op}-{case.variant}"
+        key = f"{case.op}-{case.variant}-S{case.S}-K{case.K}"  # the eager function's argument layout depends on S, K
         if key not in _COMPILED:
             _COMPILED[key] = torch.compile(eager_fn(case), dynamic=False)
         return _COMPILED[key]
@@ -189,21 +226,45 @@ def provider_fn(case: Case, provider: str, device: str) -> Callable:
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _as_list(out) -> List[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def cotangents(case: Case, official: Sequence[torch.Tensor], device: str) -> List[torch.Tensor]:
+    """One fixed random output gradient per official output (seeded, so every provider gets the same values). The
+    shapes come from one eager forward without autograd: running the compiled function for them would compile a
+    no-grad graph that is never timed."""
+    with torch.no_grad():
+        outs = _as_list(eager_fn(case)(*official))
+    g = torch.Generator(device=device).manual_seed(1)
+    return [torch.randn(o.shape, generator=g, device=device, dtype=torch.float32).to(o.dtype) for o in outs]
+
+
 def runner(case: Case, provider: str, mode: str, device: str):
-    """``(callable, inputs)``: the callable runs one timed iteration of ``mode`` on inputs made once."""
-    inputs = make_inputs(case, device, requires_grad=(mode == "fwd+bwd"))
+    """``(callable, inputs)``: the callable runs one timed iteration of ``mode`` on inputs made once (the stacked
+    ones for triton, the separate official ones otherwise, same values). fwd+bwd backpropagates the outputs with
+    ``torch.autograd.backward``: the per-stage outputs of the official code each get their own cotangent, and
+    triton's stacked output the stack of the same cotangents."""
+    bwd = mode == "fwd+bwd"
+    stacked = make_inputs(case, device, requires_grad=bwd)
+    official = official_inputs(case, stacked, requires_grad=bwd) if provider != "triton" or bwd else None
+    cots = cotangents(case, official, device) if bwd else []
+    if provider == "triton":
+        inputs = stacked
+        if len(cots) > 1:
+            cots = [torch.stack(cots)]
+    else:
+        inputs = official
+    del stacked, official
     fn = provider_fn(case, provider, device)
-    if mode == "fwd":
+    if not bwd:
         def run():
             with torch.no_grad():
                 return fn(*inputs)
         return run, inputs
-    with torch.no_grad():
-        out = fn(*inputs)
-    cot = torch.randn(out.shape, device=device, dtype=torch.float32).to(out.dtype)
 
     def run_bwd():
-        fn(*inputs).backward(cot)
+        torch.autograd.backward(_as_list(fn(*inputs)), cots)
     return run_bwd, inputs
 
 
@@ -227,18 +288,21 @@ def work(case: Case, mode: str):
         return elems * es, flops
     if case.op == "descriptor":
         # fwd: read text C*d, g B*d, weight S*e*2d, bias S*e; write S*B*C*e.  flops: [T*g, T] (B*C x 2d) @ (2d x e)
-        io = C * D + B * D + S * D * 2 * D + S * D + S * B * C * D
+        ins, out = C * D + B * D + S * D * 2 * D + S * D, S * B * C * D
         fwd_flops = 2 * S * B * C * D * 2 * D
         if mode == "fwd":
-            return io * es, fwd_flops
-        # bwd adds: read grad, write the four grads (same sizes as the inputs); flops: d relation + d weight
-        return (2 * io) * es, 3 * fwd_flops
+            return (ins + out) * es, fwd_flops
+        # bwd: read the output grad, read the inputs again, write the four grads (same sizes as the inputs): 3*in +
+        # 2*out. flops: d relation + d weight. The flops are the official [T*g, T] GEMM's: our kernel computes the
+        # text half once per image group, so fewer; its TFLOP/s is an official-equivalent rate.
+        return (3 * ins + 2 * out) * es, 3 * fwd_flops
     # mask_logits fwd: read q S*B*C*d and k S*B*N*d, write B*C*N; flops 2*S*B*C*N*d
-    io = S * B * C * D + S * B * N * D + B * C * N
+    ins, out = S * B * C * D + S * B * N * D, B * C * N
     fwd_flops = 2 * S * B * C * N * D
     if mode == "fwd":
-        return io * es, fwd_flops
-    return (2 * io) * es, 3 * fwd_flops  # bwd: read grad (+q, k), write dq, dk; flops dq + dk
+        return (ins + out) * es, fwd_flops
+    # bwd: read the output grad and q, k again, write dq, dk: 3*in + 2*out; flops dq + dk
+    return (3 * ins + 2 * out) * es, 3 * fwd_flops
 
 
 # ------------------------------------------------------------------ timing
@@ -344,12 +408,16 @@ def measure_peaks(device: str) -> Dict[str, float]:
 # ------------------------------------------------------------------ CSV
 
 def environment(device: str) -> Dict[str, str]:
+    """The columns every row of one invocation shares. ``run`` is ``$CASCADE_CLIP_RUN_ID`` when set (``gpu_check.sh``
+    sets one for all its invocations), else made here: the renderer computes ratios only within one run."""
     import triton
 
     commit = git_commit()
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu-interpreter"
+    now = datetime.datetime.now(datetime.timezone.utc)
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run": results_io.run_id(now),
         "card": card,
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -5,15 +5,18 @@
 
 Every case (op x B x C x dtype, see ``bench_common_gpu.cases``) is timed forward and forward+backward two ways
 (``bench_common_gpu.TIMINGS``): "launch" with ``triton.testing.do_bench`` (host overhead counts, as in an eager loop)
-and "graph" as CUDA-graph replays (GPU time only); medians with the 0.2/0.8 quantiles. Each row carries the median, GB/s and TFLOP/s from the formulas in
-``bench_common_gpu.work``, the fraction of the copy bandwidth and matmul peak measured at the start of the same run,
-peak memory, the card, versions, commit and date. Rows are appended after each case, so a run stopped by a timeout
-keeps what it measured.
+and "graph" as CUDA-graph replays (GPU time only); medians with the 0.2/0.8 quantiles. The providers of ``--providers``
+take their turn case by case in one process, so ``--providers eager,compile,triton`` times the three side by side.
+Each row carries the median, GB/s and TFLOP/s from the formulas in ``bench_common_gpu.work``, the fraction of the copy
+bandwidth and matmul peak measured at the start of the same invocation, peak memory, the card, versions, commit, date
+and run id (``$CASCADE_CLIP_RUN_ID``, else one per process). Rows are appended after each case, so a run stopped by a
+timeout keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 import time
@@ -45,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=_ints, default=common.BATCHES)
     p.add_argument("--classes", type=_ints, default=common.CLASSES)
     p.add_argument("--dtypes", type=_strs, default=common.DTYPES)
-    p.add_argument("--providers", type=_strs, default=common.PROVIDERS)
+    p.add_argument("--providers", type=_strs, default=None,
+                   help=f"default {','.join(common.PROVIDERS)}; a dry run leaves compile out unless named here")
     p.add_argument("--modes", type=_strs, default=common.MODES)
     p.add_argument("--timings", type=_strs, default=common.TIMINGS,
                    help="launch (do_bench: host overhead counts) and/or graph (CUDA-graph replay: GPU time only)")
@@ -53,9 +57,17 @@ def parse_args(argv=None):
                    help="batches at which the torch.compile provider runs (each shape is a fresh compile)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing budget per measurement")
     p.add_argument("--budget-s", type=float, default=0.0, help="stop starting new cases after this many seconds")
+    p.add_argument("--skip-measured", action="store_true",
+                   help="skip the cases the CSV already has rows of from this run id (an earlier step of the same "
+                        "gpu_check.sh run): re-timing them in another process would replace rows that were measured "
+                        "side by side")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU and the Triton interpreter, tiny shapes, eager+triton only: exercises args and CSV")
+                   help="CPU and the Triton interpreter, tiny shapes: exercises args and CSV (torch.compile, slow on "
+                        "the CPU, only when --providers names it)")
     args = p.parse_args(argv)
+    args.explicit_providers = args.providers is not None
+    if args.providers is None:
+        args.providers = common.PROVIDERS
     choices = (("dtype", args.dtypes, sorted(common.DTYPE_OF)), ("provider", args.providers, common.PROVIDERS),
                ("mode", args.modes, common.MODES), ("timing", args.timings, common.TIMINGS))
     for what, given, known in choices:
@@ -65,6 +77,15 @@ def parse_args(argv=None):
     return args
 
 
+def measured_cases(csv_path: str, run: str):
+    """(op, variant, shape, dtype) of every row of ``run`` already in ``csv_path``; none if the file is missing or
+    predates the run column."""
+    if not os.path.exists(csv_path):
+        return set()
+    with open(csv_path, newline="") as f:
+        return {(r["op"], r["variant"], r["shape"], r["dtype"]) for r in csv.DictReader(f) if r.get("run") == run}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -72,7 +93,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         device = "cpu"
         case_list = common.cases(batches=(1,), classes=(3,), dtypes=("fp32",), N=16, D=16, ops=args.ops, loss_side=8)
-        providers = [p for p in args.providers if p != "compile"]
+        providers = [p for p in args.providers if p != "compile" or args.explicit_providers]
+        compile_batches = (1,)  # the tiny cases' batch
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: use --dry-run for the CPU plumbing check", file=sys.stderr)
@@ -80,10 +102,18 @@ def main(argv=None) -> int:
         device = "cuda"
         case_list = common.cases(batches=args.batches, classes=args.classes, dtypes=args.dtypes, ops=args.ops)
         providers = list(args.providers)
+        compile_batches = args.compile_batches
 
     env = common.environment(device)
     peaks = common.measure_peaks(device)
-    print(f"# {env['card']} torch {env['torch']} triton {env['triton']} commit {env['commit']}", flush=True)
+    print(f"# {env['card']} torch {env['torch']} triton {env['triton']} commit {env['commit']} run {env['run']}",
+          flush=True)
+    if args.skip_measured:
+        done = measured_cases(csv_path, env["run"])
+        skipped = [c for c in case_list if (c.op, c.variant, c.shape, c.dtype) in done]
+        case_list = [c for c in case_list if (c.op, c.variant, c.shape, c.dtype) not in done]
+        if skipped:
+            print(f"# {len(skipped)} cases already measured in run {env['run']}: skipped", flush=True)
     print(f"# measured: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['mm_bf16']:.0f} TFLOP/s, "
           f"fp32 matmul {peaks['mm_fp32']:.1f} TFLOP/s; {len(case_list)} cases -> {csv_path}", flush=True)
 
@@ -95,7 +125,7 @@ def main(argv=None) -> int:
             break
         rows = []
         for provider in providers:
-            if provider == "compile" and case.B not in args.compile_batches:
+            if provider == "compile" and case.B not in compile_batches:
                 continue
             for mode in args.modes:
                 try:

@@ -1,19 +1,27 @@
-"""Where a benchmark row comes from and where it goes: the commit it measured, and the append to a results CSV.
+"""Where a benchmark row comes from and where it goes: the commit it measured, the run it belongs to, and the append
+to a results CSV.
 
 ``CASCADE_CLIP_COMMIT`` wins over git: a device machine gets a copy of the working tree whose ``.git`` may be stale
 (the first H200 runs reported a HEAD older than the tree they ran), so a GPU run is started as
 ``CASCADE_CLIP_COMMIT=<sha> bash bench/gpu_check.sh $OUT``. A tree with uncommitted changes is marked ``-dirty``.
+
+``CASCADE_CLIP_RUN_ID`` names one run: ``gpu_check.sh`` sets it once for its several benchmark invocations, so their
+rows form one run; a manual invocation without it gets an id of its own process.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import os
+import socket
 import subprocess
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_VAR = "CASCADE_CLIP_COMMIT"
+RUN_ENV_VAR = "CASCADE_CLIP_RUN_ID"
+_process_run: Optional[str] = None
 
 
 def git_commit() -> str:
@@ -30,6 +38,19 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}-dirty" if head and dirty else (head or "unknown")
+
+
+def run_id(now: Optional[datetime.datetime] = None) -> str:
+    """``$CASCADE_CLIP_RUN_ID`` if set, else one id per process: its first call's UTC time, the host and the pid
+    (the time alone would let two machines, or two processes started in the same second, share a run)."""
+    global _process_run
+    pinned = os.environ.get(RUN_ENV_VAR, "").strip()
+    if pinned:
+        return pinned
+    if _process_run is None:
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        _process_run = f"{now.strftime('%Y-%m-%dT%H:%M:%SZ')}-{socket.gethostname()}-{os.getpid()}"
+    return _process_run
 
 
 def append_rows(path: str, fields: Sequence[str], rows: Iterable[Dict[str, object]]) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,3 +130,242 @@ def test_segment_speed_smoke(capsys):
     # (the two paths' parity is tested in test_model.py; random weights saturate most scores, so the printed
     # difference is a plumbing check, not a parity test)
     assert "| bf16 | written-out attention |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the GPU kernel benchmark (bench_gpu.py), CPU side
+
+def _bench_module(name):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _head_cases(common, dtype="fp32"):
+    return [common.Case("nga", 2, dtype, N=16, D=16), common.Case("descriptor", 2, dtype, C=3, N=16, D=16),
+            common.Case("mask_logits", 2, dtype, C=3, N=16, D=16, variant="attn"),
+            common.Case("mask_logits", 2, dtype, C=3, N=16, D=16, variant="cos")]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["nga", "descriptor", "attn", "cos"])
+def test_bench_gpu_separate_official_inputs_match_stacked(index, monkeypatch):
+    """The eager provider gets every tap, every stage's q/k and every stage's Linear as separate leaves and returns
+    per-stage outputs; the triton provider gets the stacked tensors. Same values in, same outputs and gradients out:
+    checked against the official formulation on the stacked inputs, and through runner() against the reference
+    backend standing in for triton (same inputs, same cotangents)."""
+    import torch
+
+    common = _bench_module("bench_common_gpu")
+    official_ops = _bench_module("official_ops")
+    case = _head_cases(common)[index]
+    stacked = common.make_inputs(case, "cpu", requires_grad=True)
+    official = common.official_inputs(case, stacked, requires_grad=True)
+    assert all(t.is_leaf and t.requires_grad and t._base is None for t in official)
+    cots = common.cotangents(case, official, "cpu")
+    outs = common.eager_fn(case)(*official)
+    outs = list(outs) if isinstance(outs, list) else [outs]
+    assert len(outs) == (case.S if case.op in ("nga", "descriptor") else 1)
+    torch.autograd.backward(outs, cots)
+
+    heads, normalize, scale = common._mask_params(case)
+    stacked_fn = {"nga": official_ops.nga, "descriptor": official_ops.descriptor}.get(
+        case.op, lambda q, k: official_ops.mask_logits(q, k, heads, normalize))
+    ref = stacked_fn(*stacked)
+    ref.backward(torch.stack(cots) if len(cots) > 1 else cots[0])
+    torch.testing.assert_close(torch.stack(outs) if len(outs) > 1 else outs[0], ref, rtol=0, atol=0)
+    if case.op == "nga":  # taps stage-major, then each stage's weights
+        got = [torch.stack([t.grad for t in official[:case.S * case.K]]).view_as(stacked[0]),
+               torch.stack([t.grad for t in official[case.S * case.K:]])]
+    elif case.op == "descriptor":  # text, g, each stage's weight, each stage's bias
+        got = [official[0].grad, official[1].grad, torch.stack([t.grad for t in official[2:2 + case.S]]),
+               torch.stack([t.grad for t in official[2 + case.S:]])]
+    else:  # each stage's q, then each stage's k
+        got = [torch.stack([t.grad for t in official[:case.S]]), torch.stack([t.grad for t in official[case.S:]])]
+    for g, t in zip(got, stacked):
+        torch.testing.assert_close(g, t.grad, rtol=0, atol=0)
+
+    # runner(): eager on separate leaves vs "triton" (here the reference backend) on the stacked inputs
+    from cascade_clip import ops
+
+    def reference_fn(case, provider, device):
+        if case.op == "nga":
+            return lambda f, w: ops.nga(f, w, backend="reference")
+        if case.op == "descriptor":
+            return lambda t, g, w, b: ops.descriptor(t, g, w, b, backend="reference")
+        return lambda q, k: ops.mask_logits(q, k, scale, normalize=normalize, backend="reference")
+
+    run_e, in_e = common.runner(case, "eager", "fwd+bwd", "cpu")
+    monkeypatch.setattr(common, "provider_fn", reference_fn)
+    run_t, in_t = common.runner(case, "triton", "fwd+bwd", "cpu")
+    assert len(in_t) == len(stacked) and all(a.shape == b.shape for a, b in zip(in_t, stacked))
+    run_e()
+    run_t()
+    grads_t = [t.grad for t in in_t]
+    if case.op == "nga":
+        grads_e = [torch.stack([t.grad for t in in_e[:case.S * case.K]]).view_as(in_t[0]),
+                   torch.stack([t.grad for t in in_e[case.S * case.K:]])]
+    elif case.op == "descriptor":
+        grads_e = [in_e[0].grad, in_e[1].grad, torch.stack([t.grad for t in in_e[2:2 + case.S]]),
+                   torch.stack([t.grad for t in in_e[2 + case.S:]])]
+    else:
+        grads_e = [torch.stack([t.grad for t in in_e[:case.S]]), torch.stack([t.grad for t in in_e[case.S:]])]
+    for ge, gt in zip(grads_e, grads_t):
+        torch.testing.assert_close(ge, gt)
+
+
+def test_bench_gpu_compile_provider_compiles_only_timed_graphs():
+    """The compile provider on the CPU: same gradients as eager, and a fwd+bwd case compiles one graph (the
+    autograd one it times), not an extra no-grad graph for the cotangent's shape."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    common = _bench_module("bench_common_gpu")
+    case = common.Case("nga", 1, "fp32", N=8, D=8)
+    torch._dynamo.reset()
+    common._COMPILED.clear()
+    before = counters["stats"]["unique_graphs"]
+    run_c, in_c = common.runner(case, "compile", "fwd+bwd", "cpu")
+    run_c()
+    assert counters["stats"]["unique_graphs"] - before == 1
+    run_e, in_e = common.runner(case, "eager", "fwd+bwd", "cpu")
+    run_e()
+    for a, b in zip(in_c, in_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_bench_gpu_work_counts_the_backward_reread():
+    """fwd+bwd bytes are 3*in + 2*out for every op (forward: read in, write out; backward: read the output grad and
+    the inputs again, write the input grads); forward bytes in + out."""
+    common = _bench_module("bench_common_gpu")
+    S, K, B, N, D, C = 3, 3, 8, 1024, 512, 15
+    io = {
+        "nga": (S * K * B * N * D, S * B * N * D),
+        "descriptor": (C * D + B * D + S * D * 2 * D + S * D, S * B * C * D),
+        "mask_logits": (S * B * C * D + S * B * N * D, B * C * N),
+    }
+    for dtype, es in (("bf16", 2), ("fp32", 4)):
+        for op, (ins, out) in io.items():
+            case = common.Case(op, B, dtype, C=C, N=N, D=D, variant="attn" if op == "mask_logits" else "")
+            assert common.work(case, "fwd")[0] == (ins + out) * es, op
+            assert common.work(case, "fwd+bwd")[0] == (3 * ins + 2 * out) * es, op
+        loss = common.Case("loss", B, dtype, C=C, N=64 * 64)
+        logits, labels = B * C * 64 * 64 * es, B * 64 * 64 * 8
+        assert common.work(loss, "fwd+bwd")[0] == 3 * logits + 2 * labels
+
+
+def _gpu_row(**kw):
+    row = {"date": "2026-11-28T08:00:00Z", "card": "H200", "torch": "2.11", "triton": "3.6", "commit": "abc",
+           "op": "nga", "variant": "", "provider": "eager", "mode": "fwd+bwd", "timing": "graph",
+           "shape": "S3,K3,B8,N1024,D512", "dtype": "bf16", "p50_ms": "1.0", "p20_ms": "1.0", "p80_ms": "1.0",
+           "gbps": "1", "tflops": "1", "frac_copy_bw": "0.5", "frac_mm_peak": "0.1", "peak_mem_mib": "1",
+           "copy_gbps_measured": "4000", "mm_tflops_measured": "700"}
+    row.update(kw)
+    return row
+
+
+def _write_csv(path, rows):
+    fields = list(rows[0])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_render_results_ratios_stay_within_one_run(tmp_path):
+    """render_results.py: ratios only between rows of one run id; a later run of the same commit with only some
+    providers shows only its own rows; rows without the run column (old CSVs, or old rows beside new ones) keep the
+    old grouping (newest commit, within the hour); the descriptor's TFLOP/s is marked official-equivalent."""
+    render = _bench_module("render_results")
+    old = tmp_path / "old.csv"  # before the run column: eager 2.0 ms, triton 0.1 ms -> 20x
+    _write_csv(old, [_gpu_row(p50_ms="2.0"), _gpu_row(provider="triton", p50_ms="0.1"),
+                     _gpu_row(op="descriptor", shape="S3,B8,C15,d512,e512", p50_ms="0.2"),
+                     _gpu_row(op="descriptor", shape="S3,B8,C15,d512,e512", provider="triton", p50_ms="0.1",
+                              tflops="43.0", frac_mm_peak="0.06"),
+                     _gpu_row(date="2026-11-28T05:00:00Z", provider="triton", p50_ms="9.0")])  # older: dropped
+    md_old = tmp_path / "old.md"
+    assert render.main([str(old), "--md", str(md_old)]) == 0
+    text = md_old.read_text()
+    assert "| nga | S3,K3,B8,N1024,D512 | fwd+bwd | 20.00x |" in text and "9.0000" not in text
+    assert "| 43.0† |" in text and "| 0.06† |" in text and "official-equivalent" in text
+    assert "Rows without a run id predate" in text
+
+    # the same commit twice (a stale .git, a repeat): run B re-timed only triton, half an hour later
+    new = tmp_path / "new.csv"
+    _write_csv(new, [_gpu_row(run="A", date="2026-11-28T09:00:00Z", p50_ms="2.0"),
+                     _gpu_row(run="A", date="2026-11-28T09:00:00Z", provider="triton", p50_ms="0.1"),
+                     _gpu_row(run="B", date="2026-11-28T09:30:00Z", provider="triton", p50_ms="0.2")])
+    rows = render.latest_runs(render.load(str(old), str(new)))
+    assert {r["run"] for r in rows} == {"B"} and len(rows) == 1
+    md = render.table(rows)
+    assert "run B" in md and "| - | - | 0.2000 | - |" in md  # no eager of run A divided by triton of run B
+    everything = render.table(render._dedup(render.load(str(old), str(new))))
+    assert "| 2.0000 | - | 0.1000 | 20.00x |" in everything and "run A" in everything and "run B" in everything
+    assert everything.count("### H200") == 3  # the old rows' commit, run A, run B: never one table
+    # a rendered file of both, through main (several CSVs at once)
+    assert render.main([str(old), str(new), "--all", "--md", str(tmp_path / "all.md")]) == 0
+    assert "Targets on H200, run A" in (tmp_path / "all.md").read_text()
+
+
+def test_render_results_plot_keeps_cards_and_runs_apart(tmp_path):
+    """plot(): one row of panels per (card, run), so two cards' bars never share a panel (needs matplotlib, which
+    the project does not depend on)."""
+    pytest.importorskip("matplotlib")
+    render = _bench_module("render_results")
+    rows = [_gpu_row(run="A"), _gpu_row(run="A", provider="triton", p50_ms="0.1"),
+            _gpu_row(run="C", card="A100", p50_ms="3.0"), _gpu_row(run="C", card="A100", provider="triton")]
+    assert render.runs(rows) == [("A100", "C"), ("H200", "A")]
+    path = tmp_path / "p.png"
+    assert render.plot(rows, str(path)) and path.stat().st_size > 0
+
+
+def test_bench_gpu_dry_run_run_id_compile_and_skip_measured(tmp_path):
+    """bench_gpu.py --dry-run: rows carry $CASCADE_CLIP_RUN_ID; compile runs at the tiny shape when --providers
+    names it (and only then); --skip-measured skips the cases this run already has, not another run's."""
+    out = tmp_path / "out"
+    script = os.path.join(ROOT, "bench", "bench_gpu.py")
+    base = [sys.executable, script, "--dry-run", "--out", str(out), "--ops", "nga", "--modes", "fwd+bwd"]
+    env = dict(os.environ, CASCADE_CLIP_RUN_ID="run-1", TRITON_INTERPRET="1")
+
+    def run(*extra, run_id="run-1"):
+        proc = subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300,
+                              env=dict(env, CASCADE_CLIP_RUN_ID=run_id))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run("--providers", "eager,compile,triton")
+    rows = list(csv.DictReader(open(out / "results_gpu.csv")))
+    assert [r["provider"] for r in rows] == ["eager", "compile", "triton"] and {r["run"] for r in rows} == {"run-1"}
+    assert "cases already measured" in run("--skip-measured")
+    assert len(list(csv.DictReader(open(out / "results_gpu.csv")))) == 3
+    run("--skip-measured", run_id="run-2")  # another run: measured again, default providers (no compile)
+    rows = list(csv.DictReader(open(out / "results_gpu.csv")))
+    assert [(r["run"], r["provider"]) for r in rows[3:]] == [("run-2", "eager"), ("run-2", "triton")]
+
+
+def test_cpu_bench_official_layout_computes_the_op():
+    """The CPU benchmark's eager provider (separate taps, per-stage q/k and parameters, as the official head holds
+    them) computes the op and all its gradients: equal to the reference backend on the stacked inputs."""
+    common = _bench_module("bench_common_cpu")
+    for op in ("nga", "descriptor", "mask_logits"):
+        case = common.make_case(op, requires_grad=True)
+        inputs, grads = common.official_layout(case, requires_grad=True)
+        outs = common.official_fn(case)(*inputs)
+        torch.autograd.backward(outs, grads)
+        expected = common.provider_fn(op, "reference", case)(*case.inputs)
+        expected.backward(case.grad)
+        got = outs[0] if op == "mask_logits" else torch.stack(outs)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=op)
+        leaf_grads = [t.grad for t in inputs]
+        if op == "nga":
+            S, K = case.inputs[1].shape
+            regrouped = [torch.stack(leaf_grads[:S * K]).view(case.inputs[0].shape), torch.stack(leaf_grads[S * K:])]
+        elif op == "descriptor":
+            S = case.inputs[2].shape[0]
+            regrouped = leaf_grads[:2] + [torch.stack(leaf_grads[2:2 + S]), torch.stack(leaf_grads[2 + S:])]
+        else:
+            S = case.inputs[0].shape[0]
+            regrouped = [torch.stack(leaf_grads[:S]), torch.stack(leaf_grads[S:])]
+        for got_grad, stacked in zip(regrouped, case.inputs):
+            torch.testing.assert_close(got_grad, stacked.grad, rtol=1e-4, atol=1e-4, msg=op)
