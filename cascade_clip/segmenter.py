@@ -23,13 +23,16 @@ from PIL import Image, ImageOps
 
 from .class_list import ClassList, official_templates, parse_classes
 from .image_io import normalize_rgb, pil_to_rgb, read_rgb
-from .inference import check_windows, scores_at_original_size
+from .inference import check_windows, official_test_size, scores_at_original_size
 from .text import DEFAULT_CACHE_DIR
 from .train_config import AUTOCAST_DTYPES
 from .transforms import eval_resize
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 OFFICIAL_TEST_SHORT_SIDE = 512  # mmseg Resize(keep_ratio, min_size=512) of the official test pipeline
+# Largest float32 score buffer (classes x test height x test width) an image may need: 16 GiB, far above any photo at
+# the official 512 (a 4000x3000 photo with 171 classes needs 0.2 GiB), far below what a 1x1000 strip asks for.
+MAX_SCORE_BUFFER_BYTES = 16 * 2**30
 
 
 @dataclass
@@ -173,6 +176,19 @@ class Segmenter:
         self.seen = tuple(seen)
         self.preset = preset
         self.description = description
+
+    def _check_test_size(self, height: int, width: int) -> None:
+        """Refuse an image whose official test size (short side ``short_side``, aspect kept, no cap on the long side,
+        as mmseg's test resize) needs a score buffer beyond :data:`MAX_SCORE_BUFFER_BYTES`: a 1x1000 strip would
+        become 512x512000, tens of GB per class list, and fail deep inside torch."""
+        test_h, test_w = official_test_size(height, width, self.short_side) if self.short_side else (height, width)
+        needed = len(self.class_names) * test_h * test_w * 4
+        if needed > MAX_SCORE_BUFFER_BYTES:
+            raise ValueError(
+                f"a {width}x{height} image is tested at {test_w}x{test_h} (short side {self.short_side or 'kept'}), "
+                f"where the scores of {len(self.class_names)} classes need {needed / 2**30:.0f} GiB; crop it to a "
+                "less extreme aspect ratio or pass a smaller short side"
+            )
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -329,6 +345,7 @@ class Segmenter:
     def segment_rgb(self, rgb: np.ndarray, *, return_scores: bool = True) -> Segmentation:
         """(H, W, 3) uint8 RGB -> :class:`Segmentation` at (H, W)."""
         size = rgb.shape[:2]
+        self._check_test_size(*size)
         if self.short_side:
             # the official test order: resize the 0..255 image, round it back to integers, then normalise
             pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).to(self.device)

@@ -221,3 +221,11 @@ def test_images_over_pils_size_limit_are_a_named_error(tmp_path, monkeypatch):
 def test_one_class_is_warned(tmp_path):
     with pytest.warns(UserWarning, match="one class \\('cat'\\): every pixel gets it"):
         Segmenter(score_fn=lambda x: x, class_names=["cat"])
+
+
+def test_extreme_aspect_ratios_are_refused_before_they_exhaust_memory():
+    """The official test resize keeps the aspect ratio with no cap on the long side: a 1x1000 strip would be tested at
+    512x512000. That is a named error (predict skips such an image with it), not an allocation failure."""
+    seg = Segmenter(score_fn=lambda x: x, class_names=[f"c{i}" for i in range(59)])
+    with pytest.raises(ValueError, match=r"a 1000x1 image is tested at 512000x512 .* 59 classes need 58 GiB"):
+        seg(np.zeros((1, 1000, 3), np.uint8))
