@@ -7,8 +7,8 @@ way our reference backend does: a Python sum over taps, a materialised ``[T * g,
 
 The ``*_stages`` functions take what the official head holds: every tap, every stage's q and k and every stage's
 parameters as separate tensors, and they return per-stage outputs where the official code keeps them apart. The GPU
-benchmark times these. ``nga``, ``descriptor`` and ``mask_logits`` are the same computations on the stacked inputs of
-the :mod:`cascade_clip.ops` API (slices of them, then a stack); the CPU benchmark still calls those.
+and CPU benchmarks time these. ``nga``, ``descriptor`` and ``mask_logits`` are the same computations on the stacked
+inputs of the :mod:`cascade_clip.ops` API (slices of them, then a stack), which the tests compare both against.
 """
 
 from __future__ import annotations

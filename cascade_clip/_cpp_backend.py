@@ -148,8 +148,8 @@ def _nga_setup(ctx, inputs, output):
 
 
 @first_order_only("nga", "cpp")
-def _nga_bwd(ctx, grad):
-    feats, weights = ctx.saved_tensors
+def _nga_bwd(ctx, saved, grad):
+    feats, weights = saved
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
     grad_feats, grad_weights = torch.ops.cascade_clip.nga_backward(grad, feats, weights, mask)
     return (grad_feats if mask[0] else None, grad_weights if mask[1] else None)
@@ -160,9 +160,9 @@ def _descriptor_setup(ctx, inputs, output):
 
 
 @first_order_only("descriptor", "cpp")
-def _descriptor_bwd(ctx, grad):
+def _descriptor_bwd(ctx, saved, grad):
     mask = [bool(x) for x in ctx.needs_input_grad[:4]]
-    grads = torch.ops.cascade_clip.descriptor_backward(grad, *ctx.saved_tensors, mask)
+    grads = torch.ops.cascade_clip.descriptor_backward(grad, *saved, mask)
     return tuple(gr if need else None for gr, need in zip(grads, mask))
 
 
@@ -174,8 +174,8 @@ def _mask_logits_setup(ctx, inputs, output):
 
 
 @first_order_only("mask_logits", "cpp")
-def _mask_logits_bwd(ctx, grad, _grad_rk):
-    q, k, scale, rk = ctx.saved_tensors
+def _mask_logits_bwd(ctx, saved, grad, _grad_rk):
+    q, k, scale, rk = saved
     mask = [bool(x) for x in ctx.needs_input_grad[:3]]
     grads = torch.ops.cascade_clip.mask_logits_backward(grad, q, k, scale, rk, ctx.normalize, mask)
     return tuple(gr if need else None for gr, need in zip(grads, mask)) + (None,)

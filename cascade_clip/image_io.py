@@ -11,27 +11,33 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .catalog import image_norm
 
 
-# PIL modes of 16-bit grayscale (PNG, TIFF) and of 32-bit integer and float images: PIL's convert("RGB") clips them
-# to 0..255 (a 16-bit photo turns white, a float one black), so they are scaled here instead.
+# PIL's convert("RGB") clips 16-bit grayscale (modes I;16*) and 32-bit integer data (mode I) above 255 to white and
+# rounds float data (mode F) in 0..1 to black: such images are scaled here instead.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+def _gray_scale(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """The 0..255 factor for a single-channel image of PIL ``mode``: 16-bit modes 255/65535; mode I 1 when its values
+    fit 0..255, else 255/65535 (16-bit data, as PNG and TIFF readers hand it over); mode F 255 for 0..1 (the float
+    image convention) and 1 for 0..255 (PIL's own)."""
+    low, high = float(values.min()), float(values.max())
+    if mode in _SIXTEEN_BIT_MODES:
+        return 255.0 / 65535.0
+    if mode == "I" and low >= 0 and high <= 65535:
+        return 1.0 if high <= 255 else 255.0 / 65535.0
+    if mode == "F" and np.isfinite(values).all() and low >= 0 and high <= 255:
+        return 255.0 if high <= 1 else 1.0
+    raise ValueError(f"{name}: a mode {mode} image must hold values in 0..255 or 0..65535 (I), or 0..1 or 0..255 (F); "
+                     f"got [{low:.9g}, {high:.9g}]")
+
+
 def pil_to_rgb(image: Image.Image, name: str = "image") -> np.ndarray:
-    """A PIL image in any mode -> (H, W, 3) uint8 RGB: 16-bit grayscale scaled by 255/65535, 32-bit integer images
-    read as 16-bit data (0..65535), float images (mode F) as 0..1 like float arrays; the other modes through PIL's
-    conversion (grayscale repeated, palette expanded, alpha dropped, CMYK converted)."""
+    """A PIL image in any mode -> (H, W, 3) uint8 RGB: 16-bit, 32-bit integer and float grayscale scaled to 0..255 (see
+    :func:`_gray_scale`); the other modes through PIL's conversion (grayscale repeated, palette expanded, alpha dropped,
+    CMYK converted)."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         values = np.asarray(image)
-        if image.mode == "F":
-            if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
-                raise ValueError(f"{name}: a float (mode F) image must hold values in [0, 1], got "
-                                 f"[{values.min():.9g}, {values.max():.9g}]")
-            gray = np.round(values * 255.0)
-        else:
-            if values.min() < 0 or values.max() > 65535:
-                raise ValueError(f"{name}: a {image.mode} image is read as 16-bit data (0..65535), got values in "
-                                 f"[{values.min()}, {values.max()}]")
-            gray = np.round(values.astype(np.float64) * (255.0 / 65535.0))
+        gray = np.round(values.astype(np.float64) * _gray_scale(values, image.mode, name))
         return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 

@@ -140,24 +140,34 @@ def output_stems(files: List[str]) -> List[str]:
 def check_outputs(out_dir: str, inputs: List[str], files: List[str], json_path=None) -> None:
     """Refuse an output folder that is an input folder, or outputs that would overwrite an input image: the originals
     would be lost, and the next run would segment its own outputs."""
-    out = os.path.realpath(out_dir)
+    # files are compared by identity (device, inode), not by name: a case-insensitive file system (macOS, Windows)
+    # or a link gives one file several names
+    def identity(path):
+        try:
+            st = os.stat(path)
+        except OSError:  # not there (yet): it cannot be an input
+            return None
+        return st.st_dev, st.st_ino
+
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    out = identity(out_dir)
     for path in inputs:
-        if os.path.isdir(path) and os.path.realpath(path) == out:
+        if out is not None and os.path.isdir(path) and identity(path) == out:
             raise ValueError(f"--out {out_dir} is the input folder {path}: its outputs would overwrite images there "
                              "or be read as inputs next time; choose another folder")
-    originals = {os.path.realpath(f) for f in files}
+    originals = {identity(f): f for f in files}
+    originals.pop(None, None)
     for stem in output_stems(files):
         for name in (stem + ".png", stem + OVERLAY_SUFFIX + ".png"):
-            target = os.path.realpath(os.path.join(out_dir, name))
+            target = identity(os.path.join(out_dir, name))
             if target in originals:
-                raise ValueError(f"--out {out_dir}: {name} would overwrite the input image {target}; choose another "
-                                 "folder")
+                raise ValueError(f"--out {out_dir}: {name} would overwrite the input image {originals[target]}; "
+                                 "choose another folder")
     if json_path is not None:
         if os.path.isdir(json_path):
             raise ValueError(f"--json {json_path} is a folder; give a file name")
-        if os.path.realpath(json_path) in originals:
+        if identity(json_path) in originals:
             raise ValueError(f"--json {json_path} is an input image")
 
 

@@ -97,7 +97,7 @@ def as_rgb_uint8(image: ImageLike) -> np.ndarray:
                 f"float images must hold values in [0, 1], got [{array.min():.9g}, {array.max():.9g}]; "
                 "pass uint8 for 0..255"
             )
-        array = np.round(array * 255.0)
+        array = np.round(array.astype(np.float64) * 255.0)  # as PIL float images (image_io.pil_to_rgb)
     elif array.dtype != np.uint8 and (array.min() < 0 or array.max() > 255):
         raise ValueError(f"integer images must hold values in 0..255, got [{array.min()}, {array.max()}]")
     array = array.astype(np.uint8)

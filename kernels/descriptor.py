@@ -452,8 +452,8 @@ def _setup_context(ctx, inputs, output):
 
 
 @first_order_only("descriptor", "triton")
-def _backward(ctx, grad):
-    text, g, weight, bias = ctx.saved_tensors
+def _backward(ctx, saved, grad):
+    text, g, weight, bias = saved
     return descriptor_backward_op(grad, text, g, weight, bias)
 
 
@@ -470,8 +470,8 @@ class _DescriptorFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only("descriptor", "triton")
-    def backward(ctx, grad):
-        return descriptor_backward(grad, *ctx.saved_tensors)
+    def backward(ctx, saved, grad):
+        return descriptor_backward(grad, *saved)
 
 
 def descriptor(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

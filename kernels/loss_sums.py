@@ -225,8 +225,8 @@ def _setup_context(ctx, inputs, output):
 
 
 @first_order_only("loss_sums", "triton")
-def _backward(ctx, grad):
-    logits, labels = ctx.saved_tensors
+def _backward(ctx, saved, grad):
+    logits, labels = saved
     return loss_sums_backward_op(grad, logits, labels, ctx.ignore_pixels), None, None
 
 
@@ -244,8 +244,8 @@ class _LossSumsFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only("loss_sums", "triton")
-    def backward(ctx, grad):
-        logits, labels = ctx.saved_tensors
+    def backward(ctx, saved, grad):
+        logits, labels = saved
         return loss_sums_backward(grad, logits, labels, ctx.ignore_pixels), None, None
 
 

@@ -443,8 +443,8 @@ def _setup_context(ctx, inputs, output):
 
 
 @first_order_only("mask_logits", "triton")
-def _backward(ctx, grad):
-    q, k, scale = ctx.saved_tensors
+def _backward(ctx, saved, grad):
+    q, k, scale = saved
     dq, dk, d_scale = mask_logits_backward_op(grad, q, k, scale, ctx.normalize)
     return dq, dk, d_scale, None
 
@@ -463,8 +463,8 @@ class _MaskLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only("mask_logits", "triton")
-    def backward(ctx, grad):
-        q, k, scale = ctx.saved_tensors
+    def backward(ctx, saved, grad):
+        q, k, scale = saved
         dq, dk, d_scale = mask_logits_backward(grad, q, k, scale, ctx.normalize)
         return dq, dk, d_scale, None
 

@@ -153,8 +153,8 @@ def _setup_context(ctx, inputs, output):
 
 
 @first_order_only("nga", "triton")
-def _backward(ctx, grad):
-    feats, weights = ctx.saved_tensors
+def _backward(ctx, saved, grad):
+    feats, weights = saved
     d_feats, d_weights = nga_backward_op(grad, feats, weights)
     return d_feats, d_weights
 
@@ -172,8 +172,8 @@ class _NGAFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only("nga", "triton")
-    def backward(ctx, grad):
-        feats, weights = ctx.saved_tensors
+    def backward(ctx, saved, grad):
+        feats, weights = saved
         return nga_backward(grad, feats, weights)
 
 

@@ -234,8 +234,16 @@ def test_auto_sends_a_dtype_its_backend_lacks_to_the_reference(monkeypatch):
     with pytest.raises(ValueError, match="'fake' ops backend computes float32, not float64"):
         registry.resolve("fake", torch.device("cpu"), (torch.float64,))
     if "triton" in ops.available_backends():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors reach triton only under the interpreter
         with pytest.raises(ValueError, match="'triton' ops backend computes float16, bfloat16, float32, not float64"):
-            ops.nga(feats, weights, backend="triton")
+            ops.nga(feats.to(dev), weights.to(dev), backend="triton")
+        # only the tensors that set the computation count: float64 weights, bias or scale are read as they are
+        out = ops.nga(feats.float().to(dev), weights.to(dev), backend="triton")
+        torch.testing.assert_close(out.cpu(), ops.nga(feats.float(), weights, backend="reference"))
+        q, k = torch.randn(2, 1, 3, 8, device=dev), torch.randn(2, 1, 5, 8, device=dev)
+        scale = torch.tensor([0.5, 2.0], dtype=torch.float64, device=dev)
+        torch.testing.assert_close(ops.mask_logits(q, k, scale, backend="triton").cpu(),
+                                   ops.mask_logits(q.cpu(), k.cpu(), scale.cpu(), backend="reference"))
 
 
 def test_loss_sums_keeps_float64():

@@ -188,9 +188,34 @@ def test_second_derivatives_are_refused_not_wrong(backend, op):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_plain_backward_makes_no_second_order_graph(backend):
-    """Without create_graph the gradients are plain tensors (the guard costs nothing in training)."""
+def test_the_guard_stays_out_of_a_plain_backward(backend, monkeypatch):
+    """A plain backward (training) never builds the second-order guard; create_graph=True does."""
+    from cascade_clip.ops import first_order
+
+    built = []
+    real = first_order._SecondOrderUnsupported.apply
+    monkeypatch.setattr(first_order._SecondOrderUnsupported, "apply", lambda *a: built.append(1) or real(*a))
     fn, inputs = _op_cases()["descriptor"]
     leaves = [t.detach().clone().to(_device(backend)).requires_grad_() for t in inputs]
     grads = torch.autograd.grad(fn(*leaves, backend=backend).sum(), leaves)
-    assert all(g.grad_fn is None and not g.requires_grad for g in grads)
+    assert not built and all(g.grad_fn is None for g in grads)
+    torch.autograd.grad((fn(*leaves, backend=backend) ** 2).sum(), leaves, create_graph=True)
+    assert built
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("op", ["nga", "descriptor", "mask_logits", "loss_sums"])
+def test_create_graph_through_activation_checkpointing(backend, op):
+    """Non-reentrant torch.utils.checkpoint lets each saved tensor be unpacked once per backward: the guard must not
+    unpack them a second time (it once did, and a create_graph=True backward through a checkpointed op failed)."""
+    from torch.utils.checkpoint import checkpoint
+
+    fn, inputs = _op_cases()[op]
+
+    def first_derivatives(name):
+        leaves = [t.detach().clone().to(_device(name)).requires_grad_() for t in inputs]
+        out = checkpoint(lambda *xs: fn(*xs, backend=name), *leaves, use_reentrant=False)
+        return torch.autograd.grad((out.float() ** 2).sum(), leaves, create_graph=True)
+
+    for i, (grad, ref) in enumerate(zip(first_derivatives(backend), first_derivatives("reference"))):
+        _assert_same_values(f"{op} d input {i}", grad, ref)

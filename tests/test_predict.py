@@ -5,6 +5,7 @@ check the pipeline (sizes, ranges, files, calibration, errors), not segmentation
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -320,3 +321,17 @@ def test_save_only_formats_are_not_inputs(tmp_path):
     files, _ = predict.collect_inputs([str(tmp_path)])
     assert [f.rsplit("/", 1)[1] for f in files] == ["photo.jpg"]
     assert ".pdf" not in predict.image_extensions() and ".png" in predict.image_extensions()
+
+
+def test_an_input_reached_under_another_name_is_not_overwritten(setup, tmp_path, capsys):
+    """Identity, not spelling: a hard link stands in for the second name a case-insensitive file system gives a file
+    (out/Cat.PNG read as input, out/Cat.png written)."""
+    _, _, _, images = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.open(images / "rgb.png").save(out / "real.png")
+    (tmp_path / "elsewhere").mkdir()
+    os.link(out / "real.png", tmp_path / "elsewhere" / "real.png")  # the same file under another path
+    with pytest.raises(SystemExit) as exit_info:
+        run_predict(setup, str(tmp_path / "elsewhere" / "real.png"), "--out", str(out))
+    assert exit_info.value.code == 2 and "would overwrite the input image" in capsys.readouterr().err

@@ -188,7 +188,12 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(from_pil, expected)
     unit = np.linspace(0, 1, 5 * 7, dtype=np.float32).reshape(5, 7)
     np.testing.assert_array_equal(as_rgb_uint8(Image.fromarray(unit)), as_rgb_uint8(unit))
-    with pytest.raises(ValueError, match=r"mode F\) image must hold values in \[0, 1\]"):
+    # PIL's own conventions still hold: mode F on 0..255, mode I holding 8-bit values
+    on_255 = as_rgb_uint8(Image.fromarray(unit * 255)).astype(int)  # (the float32 product rounds .5 either way)
+    assert np.abs(on_255 - as_rgb_uint8(unit)).max() <= 1 and on_255.max() == 255
+    eight = np.array([[0, 128, 255]], dtype=np.int32)
+    np.testing.assert_array_equal(as_rgb_uint8(Image.fromarray(eight))[..., 0], eight.astype(np.uint8))
+    with pytest.raises(ValueError, match=r"a mode F image must hold values in .* got \[0, 300\]"):
         as_rgb_uint8(Image.fromarray(unit * 300))
 
 

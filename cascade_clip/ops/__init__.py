@@ -72,9 +72,12 @@ def _without_autocast(fn, device: torch.device, *args):
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
-    _require(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
-    _require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating-point tensor "
-             f"({', '.join(_dtype_name(d) for d in FLOAT_DTYPES)}), got {_dtype_name(t.dtype)}")
+    # every op call passes here: the messages are only formatted on failure
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating-point tensor ({', '.join(_dtype_name(d) for d in FLOAT_DTYPES)}), "
+                         f"got {_dtype_name(t.dtype)}")
 
 
 def _check_same_device(**tensors: torch.Tensor) -> torch.device:
@@ -97,7 +100,8 @@ def nga(feats: torch.Tensor, weights: torch.Tensor, *, backend: Optional[str] = 
         f"nga: weights must be (S, K) = {tuple(feats.shape[:2])}, got {tuple(weights.shape)}",
     )
     device = _check_same_device(feats=feats, weights=weights)
-    op = resolve(backend, device, (feats.dtype, weights.dtype)).nga
+    # the dtypes that set the computation (weights, bias and scale are read in their own dtype and cast to float32)
+    op = resolve(backend, device, (feats.dtype,)).nga
     return _without_autocast(op, device, feats, weights)
 
 
@@ -128,7 +132,7 @@ def descriptor(
         f"descriptor: bias must be (S, e) = {tuple(weight.shape[:2])}, got {tuple(bias.shape)}",
     )
     device = _check_same_device(text=text, g=g, weight=weight, bias=bias)
-    op = resolve(backend, device, (text.dtype, g.dtype, weight.dtype, bias.dtype)).descriptor
+    op = resolve(backend, device, (text.dtype, g.dtype, weight.dtype)).descriptor
     return _without_autocast(op, device, text, g, weight, bias)
 
 
@@ -159,7 +163,7 @@ def mask_logits(
         scale = scale.expand(q.shape[0])
     _require(scale.shape == (q.shape[0],), f"mask_logits: scale must be a float or (S,) = ({q.shape[0]},), got {tuple(scale.shape)}")
     device = _check_same_device(q=q, k=k, scale=scale)
-    op = resolve(backend, device, (q.dtype, k.dtype, scale.dtype)).mask_logits
+    op = resolve(backend, device, (q.dtype, k.dtype)).mask_logits
     return _without_autocast(op, device, q, k, scale, bool(normalize))
 
 
@@ -173,9 +177,10 @@ def loss_sums(
     ``logits``.
     """
     _check_float("logits", logits)
-    _require(isinstance(labels, torch.Tensor) and labels.dtype in LABEL_DTYPES,
-             f"loss_sums: labels must be an integer tensor ({', '.join(_dtype_name(d) for d in LABEL_DTYPES)}), "
-             f"got {_dtype_name(labels.dtype) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if not (isinstance(labels, torch.Tensor) and labels.dtype in LABEL_DTYPES):
+        got = _dtype_name(labels.dtype) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"loss_sums: labels must be an integer tensor "
+                         f"({', '.join(_dtype_name(d) for d in LABEL_DTYPES)}), got {got}")
     _require(logits.dim() == 4, f"loss_sums: logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
     _require(
         labels.shape == (logits.shape[0], *logits.shape[2:]),

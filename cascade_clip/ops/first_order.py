@@ -32,8 +32,10 @@ class _SecondOrderUnsupported(torch.autograd.Function):
 
 
 def first_order_only(op: str, backend: str) -> Callable:
-    """Decorate a backward formula ``fn(ctx, *grads) -> grads of the inputs`` of ``op`` in ``backend``: it runs with
-    grad mode off, and under ``create_graph=True`` its results raise when differentiated."""
+    """Decorate a backward formula ``fn(ctx, saved, *grads) -> grads of the inputs`` of ``op`` in ``backend`` (``saved``:
+    ``ctx.saved_tensors``) into the ``fn(ctx, *grads)`` autograd calls: it runs with grad mode off, and under
+    ``create_graph=True`` its results raise when differentiated. The saved tensors are unpacked once, here:
+    non-reentrant activation checkpointing refuses a second unpack."""
     message = (
         f"cascade_clip.ops.{op}: the {backend!r} backend computes first derivatives only; a second derivative "
         f"(backward with create_graph=True, then differentiating the gradients) needs backend='reference'"
@@ -42,11 +44,12 @@ def first_order_only(op: str, backend: str) -> Callable:
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            saved = ctx.saved_tensors
             if not torch.is_grad_enabled():  # a plain backward: autograd runs formulas with grad mode off
-                return backward(ctx, *grads)
+                return backward(ctx, saved, *grads)
             with torch.no_grad():
-                results = backward(ctx, *grads)
-            sources = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+                results = backward(ctx, saved, *grads)
+            sources = [t for t in (*grads, *saved) if isinstance(t, torch.Tensor) and t.requires_grad]
             present = [r for r in results if isinstance(r, torch.Tensor)]
             if not sources or not present:
                 return results
