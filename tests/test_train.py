@@ -562,3 +562,21 @@ def test_backend_that_cannot_run_on_the_device_is_named():
     assert ops.resolve("reference", torch.device("mps")).name == "reference"  # plain PyTorch runs anywhere
     with pytest.raises(ValueError, match="'cpp' ops backend runs on cpu tensors, these are on cuda"):
         ops.resolve("cpp", torch.device("cuda"))
+
+
+def test_loader_workers_change_nothing_also_on_resume(data_root, tmp_path):
+    """Augmentation draws come from (seed, epoch, image index), not from a worker's RNG: 2 loader processes train to
+    the bits of 0, and a run resumed with another worker count continues exactly (the README's claim)."""
+    def run(work, workers, *extra):
+        args = tiny_overrides(data_root, str(tmp_path / work), iters=4) + [f"data.num_workers={workers}"]
+        return train.main(["--config", "voc", *sum((["--set", o] for o in args), []), *extra])
+
+    alone = run("alone", 0)
+    forked = run("forked", 2)
+    resumed = run("resumed", 2, "--resume", str(tmp_path / "alone" / "iter_2.pt"))
+    assert [loss for _, loss in forked["losses"]] == [loss for _, loss in alone["losses"]]
+    assert [loss for _, loss in resumed["losses"]] == [loss for _, loss in alone["losses"]][2:]
+    expected = _weights(str(tmp_path / "alone" / "latest.pt"))
+    for work in ("forked", "resumed"):
+        got = _weights(str(tmp_path / work / "latest.pt"))
+        assert all(torch.equal(got[k], expected[k]) for k in expected), work
