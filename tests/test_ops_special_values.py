@@ -156,7 +156,8 @@ def _op_cases():
                        [torch.randn(C, d), torch.randn(B, d), torch.randn(S, e, 2 * d), torch.randn(S, e)]),
         "mask_logits": (lambda q, k, s, backend: ops.mask_logits(q, k, s, normalize=True, backend=backend),
                         [torch.randn(S, B, C, d), torch.randn(S, B, N, d), torch.rand(S) + 0.5]),
-        "loss_sums": (lambda x, backend: ops.loss_sums(x, torch.tensor([[[0, 1], [255, 2]]]), backend=backend),
+        "loss_sums": (lambda x, backend: ops.loss_sums(x, torch.tensor([[[0, 1], [255, 2]]], device=x.device),
+                                                       backend=backend),
                       [torch.randn(1, 3, 2, 2)]),
     }
 
