@@ -6,8 +6,9 @@
 #
 # Made for a fresh GPU machine without network (python3 with torch, triton, pytest, pytest-benchmark; maybe no
 # open_clip). Missing wheels come from ./wheels (git-ignored; filled on a networked machine with
-# `pip download --no-deps open_clip_torch==3.3.0 ftfy wcwidth -d wheels/`); the set-up is bench/gpu_env.sh. Every step
-# runs under `timeout`, is logged, and a failing step does not stop the next, so partial results still come back.
+# `pip download --no-deps open_clip_torch==3.3.0 ftfy wcwidth pytest-xdist execnet -d wheels/`); the set-up is
+# bench/gpu_env.sh. Every step runs under `timeout`, is logged, and a failing step does not stop the next, so partial
+# results still come back.
 # The training side is bench/gpu_train_check.sh; both in one device call (timeout ~600 s):
 #   bash bench/gpu_check.sh $OUT; bash bench/gpu_train_check.sh $OUT
 # This one writes 5 files (with the other's 3, the 8 the device tool returns):

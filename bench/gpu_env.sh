@@ -47,6 +47,8 @@ missing=""
 $PY -c "import open_clip" >/dev/null 2>&1 || missing="$missing open_clip_torch"
 $PY -c "import ftfy" >/dev/null 2>&1 || missing="$missing ftfy"
 $PY -c "import wcwidth" >/dev/null 2>&1 || missing="$missing wcwidth"
+# pytest-xdist spreads the GPU tests over processes (see XDIST below); carried as a fallback for an image without it
+$PY -c "import xdist" >/dev/null 2>&1 || missing="$missing pytest_xdist execnet"
 if [ -n "$missing" ]; then
     wheels=""
     for name in $missing; do
@@ -72,7 +74,7 @@ $PY -c "from cascade_clip import ops; print('backends:', ops.available_backends(
 DRY=""
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { DRY="--dry-run"; log "no CUDA: dry-run mode"; }
 
-# pytest-xdist (in the H200 image) spreads tests over processes: most of their time is Triton compiling and
+# pytest-xdist (in the H200 image, else from wheels/) spreads tests over processes: most of their time is Triton compiling and
 # autotuning each new shape on the CPU, which parallelises; without it the tests run in one process
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
