@@ -88,8 +88,9 @@ def _f(x: str) -> float:
 
 
 TIMING_NOTES = {
-    "launch": "one Python call per timed iteration (triton.testing.do_bench, L2 flushed): host overhead counts "
-              "whenever it outlasts the GPU work, as in an eager training loop",
+    "launch": "one Python call per timed iteration, ten issued back to back between CUDA events: host overhead "
+              "counts whenever it outlasts the GPU work, as in an eager training loop (rows without a run id: "
+              "triton.testing.do_bench, whose L2-flush memset hid up to ~64 us of host time per call)",
     "graph": "the calls captured in one CUDA graph and replayed: GPU time only, no L2 flush between calls",
 }
 
