@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .atomic import atomic_write
 from .catalog import dataset_info
 from .config import ModelConfig
 from .official import LOSS_BUFFER_KEY, read_checkpoint
@@ -31,30 +31,15 @@ _PRESET_BY_PROMPTS = {10: "voc", 35: "context", 50: "coco"}
 
 
 def save_atomic(path: str, payload: Mapping[str, Any]) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a truncated file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through a temporary file, synced, then renamed: a crash never leaves a truncated file."""
+    with atomic_write(path, fsync=True) as f:
+        torch.save(dict(payload), f)
 
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename: never half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def save_model_checkpoint(path: str, model, **extra: Any) -> None:

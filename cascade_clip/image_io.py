@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write
 from .catalog import image_norm
 
 
@@ -71,11 +71,5 @@ def normalize_rgb(rgb: np.ndarray) -> torch.Tensor:
 def save_png_atomic(image: Image.Image, path: str) -> None:
     """Write ``image`` as a PNG at ``path`` through a temporary file and a rename: never half an image (a full disk
     or an interrupted run leaves the previous file, or none)."""
-    tmp = path + ".tmp"
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write
 from .catalog import prompt_templates
 from .clip_arch import create_clip
 
@@ -149,17 +149,8 @@ def cache_key(clip_model: str, weights: Optional[str], templates: Sequence[str],
 
 def save_embeddings(path: str, embeddings: torch.Tensor) -> None:
     """Write (C, D) embeddings as .npy atomically (temp file + rename): never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, embeddings.detach().float().cpu().numpy())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, embeddings.detach().float().cpu().numpy())
 
 
 def load_embeddings(path: str, dim: Optional[int] = None) -> torch.Tensor:

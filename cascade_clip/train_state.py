@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .atomic import TMP_PREFIX
 from .checkpoint import read_any_checkpoint, save_model_checkpoint
 
 LATEST = "latest.pt"
@@ -50,7 +51,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def clean_stale_temporaries(work_dir: str) -> List[str]:
     """Remove temporary files a killed run left in ``work_dir`` (never a complete checkpoint)."""
     removed = []
-    for path in glob.glob(os.path.join(work_dir, ".tmp-*")) + glob.glob(os.path.join(work_dir, ".latest-*")):
+    for path in glob.glob(os.path.join(work_dir, TMP_PREFIX + "*")) + glob.glob(os.path.join(work_dir, ".latest-*")):
         os.unlink(path)
         removed.append(path)
     return removed
