@@ -215,20 +215,12 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     from . import ops
     from .checkpoint import load_model
-    from .train_config import _hints, _parse
-    from .config import ModelConfig
+    from .train_config import model_override
 
     ops.set_backend(args.kernels)
     info = distributed.setup()
     try:
-        overrides = {}
-        hints = _hints(ModelConfig)
-        for assignment in args.overrides:
-            key, _, value = assignment.partition("=")
-            name = key.strip().removeprefix("model.")
-            if name not in hints:
-                raise ValueError(f"unknown model config key {key!r}")
-            overrides[name] = _parse(value, hints[name], key)
+        overrides = dict(model_override(assignment) for assignment in args.overrides)
         # The checkpoint holds every weight: do not re-read the CLIP file it was trained from (it may have moved);
         # its name still selects the text tower for embedding class names.
         text_weights = overrides.get("clip_pretrained")

@@ -30,18 +30,11 @@ SUMMARY_CLASSES = 6  # classes listed per image on the console (all of them go t
 
 
 def _override(text: str) -> Tuple[str, object]:
-    """``FIELD=VALUE`` -> (ModelConfig field, value parsed to the field's type), as ``eval --set``."""
-    from .train_config import _hints, _parse
+    """``FIELD=VALUE`` -> (ModelConfig field, typed value), as ``eval --set`` (``model.FIELD`` works too)."""
+    from .train_config import model_override
 
-    field, sep, value = text.partition("=")
-    if not sep or not field.strip():
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    name = field.strip().removeprefix("model.")  # eval's spelling (model.crop_size) works here too
-    hints = _hints(ModelConfig)
-    if name not in hints:
-        raise argparse.ArgumentTypeError(f"unknown model config field {field.strip()!r}")
     try:
-        return name, _parse(value, hints[name], field.strip())
+        return model_override(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 

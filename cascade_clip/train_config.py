@@ -232,6 +232,20 @@ def _coerce_section(cls, values: Dict[str, Any]) -> Dict[str, Any]:
     return {k: _parse(v, hints[k], k) if k in hints else v for k, v in values.items()}
 
 
+def model_override(assignment: str) -> Tuple[str, Any]:
+    """``FIELD=VALUE`` or ``model.FIELD=VALUE`` (eval's and predict's ``--set``) -> (ModelConfig field, value parsed
+    to the field's type); a named ValueError otherwise."""
+    key, sep, value = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"expected FIELD=VALUE, got {assignment!r}")
+    name = key.removeprefix("model.")
+    hints = _hints(ModelConfig)
+    if name not in hints:
+        raise ValueError(f"unknown model config key {key!r}")
+    return name, _parse(value, hints[name], key)
+
+
 def keys(cfg: Config) -> List[str]:
     """Every dotted key of the configuration."""
     return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
