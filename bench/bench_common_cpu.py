@@ -82,45 +82,20 @@ _compiled: Dict[str, Callable] = {}
 
 
 def official_layout(case: Case, requires_grad: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """``(inputs, output gradients)`` as the official head has them: separate leaf tensors with the case's values
-    (nga: the S*K taps stage-major, then each stage's weights; descriptor: text, g, each stage's weight, each stage's
-    bias; mask_logits: each stage's q, then each stage's k) and one gradient per official output."""
-
-    def leaf(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone().requires_grad_(requires_grad)
-
-    if case.op == "nga":
-        feats, weights = case.inputs
-        inputs = [leaf(feats[s, k]) for s in range(feats.shape[0]) for k in range(feats.shape[1])]
-        return inputs + [leaf(w) for w in weights], list(case.grad)
-    if case.op == "descriptor":
-        text, g, weight, bias = case.inputs
-        return [leaf(text), leaf(g)] + [leaf(w) for w in weight] + [leaf(b) for b in bias], list(case.grad)
-    q, k = case.inputs
-    return [leaf(t) for t in q] + [leaf(t) for t in k], [case.grad]
+    """``(inputs, output gradients)`` as the official head has them: ``official_ops.split_stacked`` of the case's
+    inputs and one gradient per official output."""
+    inputs = official_ops.split_stacked(case.op, case.inputs, requires_grad)
+    return inputs, ([case.grad] if case.op == "mask_logits" else list(case.grad))
 
 
 def official_fn(case: Case) -> Callable[..., List[torch.Tensor]]:
     """The official formulation over :func:`official_layout`'s inputs (flat arguments), returning a list."""
+    if case.op == "mask_logits":
+        return official_ops.flat_stages_fn("mask_logits", case.inputs[0].shape[0], heads=case.extra["heads"])
     if case.op == "nga":
         stages, taps = case.inputs[1].shape
-
-        def fn(*xs):
-            return official_ops.nga_stages([xs[s * taps:(s + 1) * taps] for s in range(stages)], xs[stages * taps:])
-
-    elif case.op == "descriptor":
-        stages = case.inputs[2].shape[0]
-
-        def fn(text, g, *params):
-            return official_ops.descriptor_stages(text, g, params[:stages], params[stages:])
-
-    else:
-        stages, heads = case.inputs[0].shape[0], case.extra["heads"]
-
-        def fn(*xs):
-            return [official_ops.mask_logits_stages(xs[:stages], xs[stages:], heads)]
-
-    return fn
+        return official_ops.flat_stages_fn("nga", stages, taps=taps)
+    return official_ops.flat_stages_fn("descriptor", case.inputs[2].shape[0])
 
 
 def provider_fn(op: str, provider: str, case: Case) -> Callable[..., torch.Tensor]:

@@ -144,45 +144,20 @@ def _mask_params(case: Case):
 
 
 def official_inputs(case: Case, stacked: Sequence[torch.Tensor], requires_grad: bool) -> List[torch.Tensor]:
-    """The inputs of :func:`make_inputs` laid out as the official head holds them, as separate leaf tensors with the
-    same values: nga: the S*K taps (stage-major), then each stage's (K,) weights; descriptor: text, g, each stage's
-    weight, then each stage's bias; mask_logits: each stage's q, then each stage's k; loss: unchanged."""
-    if case.op == "loss":
-        return list(stacked)
-
-    def leaf(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone().requires_grad_(requires_grad)
-
-    if case.op == "nga":
-        feats, weights = stacked
-        return [leaf(feats[s, k]) for s in range(case.S) for k in range(case.K)] + [leaf(w) for w in weights]
-    if case.op == "descriptor":
-        text, g, weight, bias = stacked
-        return [leaf(text), leaf(g)] + [leaf(w) for w in weight] + [leaf(b) for b in bias]
-    q, k = stacked
-    return [leaf(t) for t in q] + [leaf(t) for t in k]
+    """The inputs of :func:`make_inputs` laid out as the official head holds them (``official_ops.split_stacked``);
+    the loss's unchanged."""
+    return list(stacked) if case.op == "loss" else official_ops.split_stacked(case.op, stacked, requires_grad)
 
 
 def eager_fn(case: Case) -> Callable:
-    """The official formulation of the case's op, taking the inputs of :func:`official_inputs` (flat, so that the
-    timing loops and ``torch.compile`` see plain tensor arguments); nga and the descriptor return one output per
-    stage, as the official head uses them."""
-    S, K = case.S, case.K
-    if case.op == "nga":
-        def nga(*xs):
-            return official_ops.nga_stages([xs[s * K:(s + 1) * K] for s in range(S)], xs[S * K:])
-        return nga
-    if case.op == "descriptor":
-        def descriptor(text, g, *params):
-            return official_ops.descriptor_stages(text, g, params[:S], params[S:])
-        return descriptor
+    """The official formulation of the case's op, taking the inputs of :func:`official_inputs`
+    (``official_ops.flat_stages_fn``: a list of per-stage outputs, as the official head uses them)."""
     if case.op == "loss":
         return official_ops.seg_loss
-    heads, normalize, _ = _mask_params(case)
-
-    def mask_logits(*xs):
-        return official_ops.mask_logits_stages(xs[:S], xs[S:], heads, normalize)
-    return mask_logits
+    if case.op == "mask_logits":
+        heads, normalize, _ = _mask_params(case)
+        return official_ops.flat_stages_fn("mask_logits", case.S, heads=heads, normalize=normalize)
+    return official_ops.flat_stages_fn(case.op, case.S, taps=case.K)
 
 
 _COMPILED: Dict[str, Callable] = {}

@@ -95,6 +95,45 @@ def mask_logits(q: torch.Tensor, k: torch.Tensor, heads: int, normalize: bool = 
     return mask_logits_stages([q[s] for s in stages], [k[s] for s in stages], heads, normalize)
 
 
+def split_stacked(op: str, stacked: Sequence[torch.Tensor], requires_grad: bool) -> List[torch.Tensor]:
+    """The stacked ``cascade_clip.ops`` inputs of ``op`` as the official head holds them, flat, as separate leaf
+    tensors with the same values: nga: the S*K taps (stage-major), then each stage's (K,) weights; descriptor: text,
+    g, each stage's weight, then each stage's bias; mask_logits: each stage's q, then each stage's k."""
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(requires_grad)
+
+    if op == "nga":
+        feats, weights = stacked
+        return [leaf(tap) for stage in feats for tap in stage] + [leaf(w) for w in weights]
+    if op == "descriptor":
+        text, g, weight, bias = stacked
+        return [leaf(text), leaf(g)] + [leaf(w) for w in weight] + [leaf(b) for b in bias]
+    if op == "mask_logits":
+        q, k = stacked
+        return [leaf(t) for t in q] + [leaf(t) for t in k]
+    raise ValueError(f"unknown op {op!r}")
+
+
+def flat_stages_fn(op: str, stages: int, taps: int = 3, heads: int = 1, normalize: bool = False):
+    """The official formulation of ``op`` over :func:`split_stacked`'s flat arguments (plain tensor arguments, as
+    timing loops and ``torch.compile`` want them), returning a list: one output per stage for nga and the descriptor,
+    the stage-summed logits for mask_logits."""
+    if op == "nga":
+        def nga(*xs):
+            return nga_stages([xs[s * taps:(s + 1) * taps] for s in range(stages)], xs[stages * taps:])
+        return nga
+    if op == "descriptor":
+        def descriptor(text, g, *params):
+            return descriptor_stages(text, g, params[:stages], params[stages:])
+        return descriptor
+    if op == "mask_logits":
+        def mask_logits(*xs):
+            return [mask_logits_stages(xs[:stages], xs[stages:], heads, normalize)]
+        return mask_logits
+    raise ValueError(f"unknown op {op!r}")
+
+
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, focal_weight: float = 100.0, dice_weight: float = 1.0):
     """logits (B, C, H, W), labels (B, H, W) in [0, C) or 255 -> the official focal (x100) + dice loss, a scalar.
 
