@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -190,6 +191,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
     from . import distributed as dist_utils
 
     info = dist_utils.setup()
+    net = None
     try:
         ops.set_backend(cfg.train.kernels)
         work_dir = cfg.train.work_dir
@@ -404,6 +406,11 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
         logger.close()
         return result
     finally:
+        # DDP's Reducer holds the process group. Freed only when run() returns, after destroy_process_group, it is the
+        # group's last owner, and its destructor joins gloo's threads while holding the GIL that one of them waits
+        # for: torch 2.11 hung there at the end of every 2-process gloo run. Freed here, the group outlives it.
+        net = None
+        gc.collect()
         distributed.cleanup()
 
 
