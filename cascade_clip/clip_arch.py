@@ -43,7 +43,10 @@ def read_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
         # OpenAI's release files are TorchScript archives; the state dict is all we need from them.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, but these files need it
+            # torch.jit.load is deprecated (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11), but these
+            # files need it
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=DeprecationWarning)
             state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:
         from .safe_load import load_checkpoint_file
