@@ -14,6 +14,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .torchscript_weights import TorchScriptArchiveError, is_torchscript_archive, read_torchscript_state_dict
+
 TINY_MODEL_NAME = "cascade-tiny"
 # A `pretrained` value with one of these endings is a file (a missing one is a named error), never an open_clip tag.
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -40,15 +42,18 @@ def read_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """
     if not os.path.isfile(path):
         raise ValueError(f"CLIP weights file not found: {path}")
-    try:
-        # OpenAI's release files are TorchScript archives; the state dict is all we need from them.
-        with warnings.catch_warnings():
-            # torch.jit.load is deprecated (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11), but these
-            # files need it
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=DeprecationWarning)
-            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
+    if is_torchscript_archive(path):
+        # OpenAI's release files are TorchScript archives; their weights are read without TorchScript
+        try:
+            state_dict = read_torchscript_state_dict(path)
+        except TorchScriptArchiveError as exc:
+            warnings.warn(f"{exc}; reading it with torch.jit.load instead (which runs the archive's code)", stacklevel=2)
+            with warnings.catch_warnings():
+                # deprecated (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11), but such a file needs it
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=DeprecationWarning)
+                state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
         from .safe_load import load_checkpoint_file
 
         checkpoint = load_checkpoint_file(path)
