@@ -116,13 +116,14 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
 
 def _top_folder(archive: zipfile.ZipFile) -> Optional[str]:
-    """The archive's top folder when it holds ``data.pkl``, ``constants.pkl`` and ``code/`` (TorchScript), else None."""
+    """The archive's top folder when it holds ``data.pkl`` and ``constants.pkl`` or ``code/`` (TorchScript), else None."""
     names = set(archive.namelist())
     for name in names:
         parts = name.split("/")
         if len(parts) == 2 and parts[1] == "data.pkl":
             top = parts[0]
-            if f"{top}/constants.pkl" in names and any(n.startswith(f"{top}/code/") for n in names):
+            # torch's own test is constants.pkl; code/ is what only torch.jit.save writes beside data.pkl
+            if f"{top}/constants.pkl" in names or any(n.startswith(f"{top}/code/") for n in names):
                 return top
     return None
 
@@ -169,7 +170,7 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
     with zipfile.ZipFile(path) as archive:
         top = _top_folder(archive)
         if top is None:
-            raise TorchScriptArchiveError(f"{path}: no <folder>/data.pkl with constants.pkl and code/: not TorchScript")
+            raise TorchScriptArchiveError(f"{path}: no <folder>/data.pkl beside constants.pkl or code/: not TorchScript")
         if f"{top}/byteorder" in archive.namelist():
             order = archive.read(f"{top}/byteorder").decode().strip()
             if order != sys.byteorder:
