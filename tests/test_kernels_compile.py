@@ -38,20 +38,25 @@ pytestmark = pytest.mark.skipif(
 
 @contextmanager
 def recorded_launches():
-    """Patch the interpreter so a kernel launch is recorded instead of run; yields the list of launches."""
-    from triton.runtime.interpreter import InterpretedFunction
+    """Patch the interpreter so a kernel launch is recorded instead of run; yields the list of launches.
+
+    Every interpreted launch ends in ``GridExecutor.__call__`` on the kernel's rewritten function (Triton 3.5 builds
+    ``run`` per instance, 3.6+ on the class), which ``InterpretedFunction.rewritten_fn`` maps back to the kernel."""
+    from triton.runtime.interpreter import GridExecutor, InterpretedFunction
 
     launches = []
-    original = InterpretedFunction.run
+    original = GridExecutor.__call__
 
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self.fn, args, kwargs))
+    def record(self, *args, **kwargs):
+        kernels = [fn for fn, rewritten in InterpretedFunction.rewritten_fn.items() if rewritten is self.fn]
+        assert len(kernels) == 1, f"launch of an unknown function {self.fn!r}"
+        launches.append((kernels[0], args, kwargs))
 
-    InterpretedFunction.run = record
+    GridExecutor.__call__ = record
     try:
         yield launches
     finally:
-        InterpretedFunction.run = original
+        GridExecutor.__call__ = original
 
 
 def _signature(fn, args, kwargs):
