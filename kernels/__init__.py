@@ -22,13 +22,15 @@ def load_backend():
     from cascade_clip.ops.registry import Backend
 
     from .descriptor import descriptor
-    from .launch import is_interpreter
+    from .launch import check_interpreter, is_interpreter
     from .loss_sums import loss_sums
     from .mask_logits import mask_logits
     from .nga import nga
 
     # compiled kernels need CUDA tensors; the interpreter runs them on CPU tensors (explicit backend="triton" only:
     # "auto" routes CPU tensors to the C++ backend)
+    if is_interpreter():
+        check_interpreter()  # a Triton/numpy pair whose interpreter cannot run kernels: a named error, not 90 failures
     devices = ("cuda", "cpu") if is_interpreter() else ("cuda",)
     # the kernels accumulate in float32 and feed tl.dot 16/32-bit operands: float64 goes to the reference
     dtypes = (torch.float16, torch.bfloat16, torch.float32)

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
+import triton.language as tl
 
 # Largest block of an elementwise kernel (elements per program). 4096 fp32 in 8 warps is 16 per thread: wide enough
 # for 16-byte vector loads of every dtype without spilling.
@@ -37,6 +38,33 @@ def next_power_of_2(n: int) -> int:
 def is_interpreter() -> bool:
     """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``), where autotuning is switched off."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _interpreter_probe_kernel(out_ptr, n):
+    total = 0
+    for i in range(n):  # a loop bound read from a scalar argument, as every kernel here has
+        total += i
+    tl.store(out_ptr, total)
+
+
+def check_interpreter() -> None:
+    """Under the CPU interpreter, run one tiny kernel; RuntimeError naming the versions if this Triton's interpreter
+    cannot run kernels with the installed numpy. Triton <= 3.6 converts one-element arrays to loop bounds with
+    ``int()``, which numpy >= 2.4 refuses (triton-lang/triton#9171): every kernel here then fails at its first loop."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _interpreter_probe_kernel[(1,)](out, 3)
+    except Exception as exc:  # the interpreter wraps the numpy error in its own InterpreterError
+        import numpy
+
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s CPU interpreter cannot run kernels with numpy {numpy.__version__} "
+            f"({type(exc).__name__}: {exc}); with Triton <= 3.6 use numpy < 2.4 (triton-lang/triton#9171), or a "
+            "newer Triton"
+        ) from exc
+    if int(out[0]) != 3:
+        raise RuntimeError(f"Triton {triton.__version__}'s CPU interpreter computed {int(out[0])} for 0+1+2")
 
 
 def block_size(n: int, cap: int, floor: int = MIN_DOT_BLOCK) -> int:

@@ -49,3 +49,18 @@ def test_autotuned_kernels_time_candidates_briefly():
             assert tuner.do_bench is launch._bench_candidate
         if "cache_results" in params and not launch.is_interpreter():
             assert tuner.cache_results
+
+
+@pytest.mark.skipif(not launch.is_interpreter(), reason="the probe is for Triton's CPU interpreter")
+def test_interpreter_probe_runs_and_names_an_unusable_interpreter(monkeypatch):
+    launch.check_interpreter()  # this Triton/numpy pair runs kernels: no error
+
+    class BrokenInterpreter:  # as Triton <= 3.6's interpreter fails beside numpy >= 2.4
+        def __getitem__(self, grid):
+            def launch_kernel(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch_kernel
+
+    monkeypatch.setattr(launch, "_interpreter_probe_kernel", BrokenInterpreter())
+    with pytest.raises(RuntimeError, match=r"CPU interpreter cannot run kernels with numpy .*triton-lang/triton#9171"):
+        launch.check_interpreter()
