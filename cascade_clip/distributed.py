@@ -5,6 +5,7 @@ NCCL when the process has a CUDA device, gloo on CPU. Each rank uses ``cuda:LOCA
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -85,3 +86,17 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """``module`` under DDP without the per-forward buffer broadcast: every rank builds the same model from the same
+    seed, and training updates no buffer (CascadeCLIP registers none; the CLIP tower is frozen).
+
+    torch 2.13 renamed ``broadcast_buffers`` to ``forward_sync_buffers`` and warns on the old name; the new one leaves
+    buffers in DDP's broadcast at construction, which, the buffers being equal on every rank, changes nothing."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        no_forward_sync = {"forward_sync_buffers": False}
+    else:
+        no_forward_sync = {"broadcast_buffers": False}
+    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **no_forward_sync)

@@ -283,9 +283,7 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
 
         net = model
         if info.distributed:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-            )
+            net = distributed.wrap_ddp(model, device)
         if cfg.train.compile != "none":
             # the forward only (loss and optimizer stay eager); `model` stays uncompiled for checkpoints and eval
             net = torch.compile(net, mode=torch_compile_mode(cfg.train.compile))
