@@ -13,6 +13,7 @@ each module's parameters and buffers, then its submodules, keys joined with dots
 
 from __future__ import annotations
 
+import ast
 import collections
 import pickle
 import re
@@ -28,8 +29,13 @@ _STORAGE_DTYPES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
 _SCRIPT_PREFIX = "__torch__"
-_CLASS_HEADER = re.compile(r"^class (\w+)\(([\w.]+)\):\s*$", re.MULTILINE)
-_NAME_LIST = r"^  {}\s*=\s*\[(.*?)\]"
+# a class of the archive's source: `class Name(Module):`, `class Name(NamedTuple):`, or `class Name:` (a plain class)
+_CLASS_HEADER = re.compile(r"^class (\w+)(?:\(([\w.]+)\))?:[ \t]*$", re.MULTILINE)
+# one line of a class body: `  __parameters__ = ["weight", "bias", ]` (names unescaped: one may hold a ']')
+_NAME_LIST = r"^  {}[ \t]*=[ \t]*(\[.*\])[ \t]*$"
+# attribute types: `  name : Tensor`, or `  __annotations__["b]y"] = Tensor` for a name that is not an identifier
+_ANNOTATION = re.compile(r"^  (\w+) : (.+?)[ \t]*$", re.MULTILINE)
+_ANNOTATION_ITEM = re.compile(r'^  __annotations__\["(.*)"\] = (.+?)[ \t]*$', re.MULTILINE)
 
 
 class TorchScriptArchiveError(ValueError):
@@ -42,7 +48,9 @@ class _ScriptObject:
     qualified_name = ""
 
     def __setstate__(self, state: Any) -> None:
-        self.attributes = state if isinstance(state, dict) else {}
+        if not isinstance(state, dict):  # a class with its own __getstate__: its slots are not what was pickled
+            raise TorchScriptArchiveError(f"{self.qualified_name} was pickled through its own __getstate__")
+        self.attributes = state
 
 
 class _StorageType:
@@ -50,7 +58,10 @@ class _StorageType:
         self.name, self.dtype = name, dtype
 
 
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None, *rest):
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None,
+                    metadata=None, *rest):
+    if metadata or rest:  # math bits (a lazily negated or conjugated view): their values are not the stored ones
+        raise TorchScriptArchiveError(f"a tensor with rebuild metadata {metadata!r:.100} {rest!r:.100}")
     return storage.as_strided(tuple(size), tuple(stride), offset)
 
 
@@ -116,10 +127,13 @@ class _ArchiveUnpickler(pickle.Unpickler):
 
 
 def _top_folder(archive: zipfile.ZipFile) -> Optional[str]:
-    """The archive's top folder when it holds ``data.pkl`` and ``constants.pkl`` or ``code/`` (TorchScript), else None."""
+    """The archive's top folder when it holds ``data.pkl`` and ``constants.pkl`` or ``code/`` (TorchScript), or
+    ``model.json`` (TorchScript before torch 1.3, which this reader leaves to ``torch.jit.load``), else None."""
     names = set(archive.namelist())
     for name in names:
         parts = name.split("/")
+        if len(parts) == 2 and parts[1] == "model.json":
+            return parts[0]
         if len(parts) == 2 and parts[1] == "data.pkl":
             top = parts[0]
             # torch's own test is constants.pkl; code/ is what only torch.jit.save writes beside data.pkl
@@ -136,8 +150,23 @@ def is_torchscript_archive(path: str) -> bool:
         return _top_folder(archive) is not None
 
 
+def _name_list(body: str, field: str, where: str) -> List[str]:
+    match = re.search(_NAME_LIST.format(field), body, re.MULTILINE)
+    if match is None:  # torch <= 1.5 printed no __buffers__: jit.load's own reading of such files is the reference
+        raise TorchScriptArchiveError(f"{where} has no {field} line")
+    try:
+        names = ast.literal_eval(match.group(1))
+    except (ValueError, SyntaxError):
+        raise TorchScriptArchiveError(f"{where}: cannot read its {field} line {match.group(1)[:200]!r}") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise TorchScriptArchiveError(f"{where}: {field} is not a list of names")
+    return names
+
+
 def _class_lists(archive: zipfile.ZipFile, top: str, qualified: str, path: str) -> Optional[Tuple[List[str], List[str]]]:
-    """``(__parameters__, __buffers__)`` of class ``qualified`` from its source, None for a class that is not a module."""
+    """The names ``state_dict()`` takes from an instance of class ``qualified``: its ``__parameters__`` and those of
+    its ``__buffers__`` declared ``Tensor`` (TorchScript's buffer policy skips ``Optional[Tensor]`` ones), read from
+    the class's source; None for a class that is not a module."""
     module, _, name = qualified.rpartition(".")
     record = f"{top}/code/{module.replace('.', '/')}.py"
     try:
@@ -151,13 +180,12 @@ def _class_lists(archive: zipfile.ZipFile, top: str, qualified: str, path: str) 
         if header.group(2) != "Module":
             return None
         body = source[header.end(): headers[i + 1].start() if i + 1 < len(headers) else len(source)]
-        lists = []
-        for field in ("__parameters__", "__buffers__"):
-            match = re.search(_NAME_LIST.format(field), body, re.MULTILINE | re.DOTALL)
-            if match is None:
-                raise TorchScriptArchiveError(f"{path}: class {qualified} in {record} has no {field} list")
-            lists.append(re.findall(r'"([^"]*)"', match.group(1)))
-        return lists[0], lists[1]
+        where = f"{path}: class {qualified} in {record}"
+        if re.search(r"^  def __(get|set)state__\(", body, re.MULTILINE):
+            raise TorchScriptArchiveError(f"{where} defines its own __getstate__/__setstate__")
+        declared = {**dict(_ANNOTATION.findall(body)), **dict(_ANNOTATION_ITEM.findall(body))}
+        buffers = [b for b in _name_list(body, "__buffers__", where) if declared.get(b) == "Tensor"]
+        return _name_list(body, "__parameters__", where), buffers
     raise TorchScriptArchiveError(f"{path}: class {name} not found in {record}")
 
 
@@ -167,43 +195,54 @@ def read_torchscript_state_dict(path: str) -> Dict[str, torch.Tensor]:
     this reader cannot take."""
     if not zipfile.is_zipfile(path):
         raise TorchScriptArchiveError(f"{path}: not a zip file, so not a TorchScript archive")
-    with zipfile.ZipFile(path) as archive:
-        top = _top_folder(archive)
-        if top is None:
-            raise TorchScriptArchiveError(f"{path}: no <folder>/data.pkl beside constants.pkl or code/: not TorchScript")
-        if f"{top}/byteorder" in archive.namelist():
-            order = archive.read(f"{top}/byteorder").decode().strip()
-            if order != sys.byteorder:
-                raise TorchScriptArchiveError(f"{path}: stored {order}-endian, this machine is {sys.byteorder}-endian")
-        try:
-            root = _ArchiveUnpickler(archive, top, path).load()
-        except TorchScriptArchiveError:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_state_dict(archive, path)
+    except TorchScriptArchiveError as exc:
+        if str(exc).startswith(path):
             raise
-        except Exception as exc:  # a damaged or foreign data.pkl
-            raise TorchScriptArchiveError(f"{path}: data.pkl could not be read: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(root, _ScriptObject):
-            raise TorchScriptArchiveError(f"{path}: data.pkl holds a {type(root).__name__}, not a module")
+        raise TorchScriptArchiveError(f"{path}: {exc}") from exc
+    except Exception as exc:  # a damaged archive (zip, pickle, source text) or a crafted one (a module cycle)
+        raise TorchScriptArchiveError(f"{path}: could not be read: {type(exc).__name__}: {exc}") from exc
 
-        state: Dict[str, torch.Tensor] = {}
-        known: Dict[str, Optional[Tuple[List[str], List[str]]]] = {}
 
-        def module_lists(obj: _ScriptObject):
-            if obj.qualified_name not in known:
-                known[obj.qualified_name] = _class_lists(archive, top, obj.qualified_name, path)
-            return known[obj.qualified_name]
+def _read_state_dict(archive: zipfile.ZipFile, path: str) -> Dict[str, torch.Tensor]:
+    top = _top_folder(archive)
+    if top is None:
+        raise TorchScriptArchiveError(f"{path}: no <folder>/data.pkl beside constants.pkl or code/: not TorchScript")
+    if f"{top}/model.json" in archive.namelist():
+        raise TorchScriptArchiveError(f"{path}: a TorchScript archive of torch <= 1.2 (model.json)")
+    if f"{top}/byteorder" in archive.namelist():
+        order = archive.read(f"{top}/byteorder").decode().strip()
+        if order != sys.byteorder:
+            raise TorchScriptArchiveError(f"{path}: stored {order}-endian, this machine is {sys.byteorder}-endian")
+    root = _ArchiveUnpickler(archive, top, path).load()
+    if not isinstance(root, _ScriptObject):
+        raise TorchScriptArchiveError(f"{path}: data.pkl holds a {type(root).__name__}, not a module")
 
-        def visit(obj: _ScriptObject, prefix: str) -> None:
-            parameters, buffers = module_lists(obj)
-            attributes = getattr(obj, "attributes", {})
-            for name in parameters + buffers:
-                value = attributes.get(name)
-                if isinstance(value, torch.Tensor):  # an absent optional one (a bias=False Linear) is None
-                    state[prefix + name] = value
-            for name, value in attributes.items():
-                if isinstance(value, _ScriptObject) and module_lists(value) is not None:
-                    visit(value, f"{prefix}{name}.")
+    state: Dict[str, torch.Tensor] = {}
+    known: Dict[str, Optional[Tuple[List[str], List[str]]]] = {}
 
-        if module_lists(root) is None:
-            raise TorchScriptArchiveError(f"{path}: the archive's root {root.qualified_name} is not a module")
-        visit(root, "")
+    def module_lists(obj: _ScriptObject):
+        if obj.qualified_name not in known:
+            known[obj.qualified_name] = _class_lists(archive, top, obj.qualified_name, path)
+        return known[obj.qualified_name]
+
+    def visit(obj: _ScriptObject, prefix: str, ancestors: frozenset) -> None:
+        # a module shared under two names is listed under both (as state_dict does); one inside itself is not a tree
+        if id(obj) in ancestors:
+            raise TorchScriptArchiveError(f"{path}: module {prefix.rstrip('.')} contains itself")
+        parameters, buffers = module_lists(obj)
+        attributes = getattr(obj, "attributes", {})
+        for name in parameters + buffers:
+            value = attributes.get(name)
+            if isinstance(value, torch.Tensor):  # an absent optional one (a bias=False Linear) is None
+                state[prefix + name] = value
+        for name, value in attributes.items():
+            if isinstance(value, _ScriptObject) and module_lists(value) is not None:
+                visit(value, f"{prefix}{name}.", ancestors | {id(obj)})
+
+    if module_lists(root) is None:
+        raise TorchScriptArchiveError(f"{path}: the archive's root {root.qualified_name} is not a module")
+    visit(root, "", frozenset())
     return state

@@ -3,7 +3,9 @@ never runs what an archive names."""
 
 import collections
 import os
+import warnings
 import zipfile
+from typing import Optional
 
 import pytest
 import torch
@@ -88,6 +90,87 @@ class Zoo(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.norm(x) + self.scratch + self.threshold
+
+
+class OddNames(nn.Module):
+    """Names TorchScript prints unescaped (a ']' inside the __parameters__ line) or as __annotations__[...] items."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("w]x", nn.Parameter(torch.randn(2)))
+        self.plain = nn.Parameter(torch.randn(2))
+        self.register_buffer("b]y", torch.randn(2))
+
+    def forward(self, x):
+        return x + getattr(self, "w]x") + self.plain + getattr(self, "b]y")
+
+
+class OptionalBuffer(nn.Module):
+    """A buffer declared Optional[Tensor]: TorchScript's buffer policy leaves it out of state_dict."""
+
+    maybe: Optional[torch.Tensor]
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3))
+        self.register_buffer("maybe", torch.randn(3))
+
+    def forward(self, x):
+        return x + self.weight
+
+
+class Settings:
+    def __init__(self, scale: float):
+        self.scale = scale
+
+
+with warnings.catch_warnings():  # torch 2.14 deprecates torch.jit.script (a warning at import, outside the marks)
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    Settings = torch.jit.script(Settings)
+
+
+class WithSettings(nn.Module):
+    """A module holding a TorchScript class instance (`class Settings:` in the archive's source, no base)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.settings = Settings(2.0)
+
+    def forward(self, x):
+        return self.linear(x) * self.settings.scale
+
+
+class OwnState(nn.Module):
+    """Pickled through its own __getstate__: its tensors are not where the class's slots say."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return x + self.weight
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]):
+        self.weight = state[0]
+        self.training = state[1]
+
+
+class NegatedView(nn.Module):
+    """A buffer that is a lazily negated view (math bits): stored values and tensor values differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("imag", torch.randn(3, dtype=torch.cfloat).conj().imag)
+
+    def forward(self, x):
+        return x + self.imag
 
 
 def _assert_same_state(path):
@@ -202,3 +285,30 @@ def test_unreadable_archive_falls_back_to_jit_load_with_a_warning(tmp_path, monk
         state = read_clip_state_dict(str(path))
     assert list(state) == list(want) and all(torch.equal(state[k], want[k]) for k in want)
     assert os.path.isfile(path)
+
+
+def test_printed_source_corner_cases_equal_jit_load(tmp_path):
+    torch.manual_seed(4)
+    for name, module in (("odd.pt", OddNames()), ("optional.pt", OptionalBuffer()), ("settings.pt", WithSettings())):
+        path = tmp_path / name
+        torch.jit.script(module).save(str(path))
+        state = _assert_same_state(path)
+    assert list(read_torchscript_state_dict(str(tmp_path / "odd.pt"))) == ["w]x", "plain", "b]y"]
+    assert list(read_torchscript_state_dict(str(tmp_path / "optional.pt"))) == ["weight"]
+    assert set(state) == {"linear.weight", "linear.bias"}
+
+
+def test_archives_the_reader_cannot_take_are_refused_by_reason(tmp_path):
+    cases = ((OwnState(), "own __getstate__"), (NegatedView(), "rebuild metadata {'neg': True}"))
+    for i, (module, reason) in enumerate(cases):
+        path = tmp_path / f"case{i}.pt"
+        torch.jit.script(module).save(str(path))
+        with pytest.raises(TorchScriptArchiveError, match=f"case{i}\\.pt: .*{reason}"):
+            read_torchscript_state_dict(str(path))
+    legacy = tmp_path / "legacy.pt"  # torch <= 1.2 wrote model.json and tensors/: left to torch.jit.load
+    with zipfile.ZipFile(legacy, "w") as archive:
+        archive.writestr("legacy/model.json", "{}")
+        archive.writestr("legacy/tensors/0", b"")
+    assert is_torchscript_archive(str(legacy))
+    with pytest.raises(TorchScriptArchiveError, match=r"legacy\.pt: a TorchScript archive of torch <= 1\.2"):
+        read_torchscript_state_dict(str(legacy))
