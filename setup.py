@@ -67,7 +67,7 @@ setup(
     packages=["cascade_clip", "cascade_clip.ops", "cascade_clip.kernels"],
     package_dir={"cascade_clip": "cascade_clip", "cascade_clip.kernels": "kernels"},
     package_data={"cascade_clip": ["data/*.json"]},
-    install_requires=["torch>=2.4", "triton", "open_clip_torch==3.3.0", "numpy", "pillow"],
+    install_requires=["torch>=2.6", "triton", "open_clip_torch==3.3.0", "numpy", "pillow"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "xformers": ["xformers"]},
     entry_points={"console_scripts": ["cascade-clip=cascade_clip.cli:main"]},
     ext_modules=ext_modules,
