@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional
@@ -406,7 +407,12 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
     finally:
         # DDP's Reducer holds the process group. Freed only when run() returns, after destroy_process_group, it is the
         # group's last owner, and its destructor joins gloo's threads while holding the GIL that one of them waits
-        # for: torch 2.11 hung there at the end of every 2-process gloo run. Freed here, the group outlives it.
+        # for: torch 2.11 hung there at the end of every 2-process gloo run. Freed here, the group outlives it. An
+        # error raised inside the DDP forward keeps that frame (its `self`) in the traceback: clear the finished
+        # frames first, or a failing rank hangs instead of exiting (the traceback still prints, without locals).
+        failure = sys.exc_info()[1]
+        if failure is not None:
+            traceback.clear_frames(failure.__traceback__)
         net = None
         gc.collect()
         distributed.cleanup()

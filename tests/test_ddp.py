@@ -20,6 +20,16 @@ def _eval_record(work_dir):
     return {k: record[k] for k in ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "aAcc", "per_class")}
 
 
+def _torchrun_train(overrides, env=None):
+    """``cascade-clip train`` under torchrun with 2 gloo processes, through ddp_entry.py (which reports the DDP
+    objects alive when the process group is destroyed)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_entry.py"),
+           "train", "--config", "voc", *sum((["--set", o] for o in overrides), [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
 def test_two_process_gloo_equals_single_process(tmp_path):
     root = str(tmp_path / "data")
     write_voc_layout(root, SPEC)
@@ -27,12 +37,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     ddp_dir, single_dir = str(tmp_path / "ddp"), str(tmp_path / "single")
 
     ddp_args = tiny_overrides(root, ddp_dir, iters=4) + common + ["train.batch_size=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # ddp_entry.py is the cascade-clip command, reporting the DDP objects still alive when the group is destroyed
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_entry.py"),
-           "train", "--config", "voc", *sum((["--set", o] for o in ddp_args), [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = _torchrun_train(ddp_args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu, 4 images/iteration" in proc.stdout
     assert "broadcast_buffers" not in proc.stderr  # torch >= 2.13 deprecates the name; distributed.wrap_ddp avoids it
@@ -57,3 +62,15 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     alone = evaluate.main(["--checkpoint", os.path.join(ddp_dir, "latest.pt"), "--data-root", root, "--kernels",
                            "reference", "--num-workers", "0", "--short-side", "32"])
     assert {k: alone[k] for k in _eval_record(ddp_dir)} == _eval_record(ddp_dir)
+
+
+def test_a_rank_failing_inside_the_ddp_forward_exits(tmp_path):
+    # the error's traceback holds DDP.forward's frame (its self); unless train clears it, the DDP outlives the group,
+    # and torch 2.11's gloo hangs at exit instead of letting torchrun report the failure
+    root = str(tmp_path / "data")
+    write_voc_layout(root, SPEC)
+    overrides = tiny_overrides(root, str(tmp_path / "ddp"), iters=3) + ["train.batch_size=2"]
+    proc = _torchrun_train(overrides, env={"DDP_ENTRY_FAIL_AT": "2"})
+    assert proc.returncode != 0
+    assert "injected failure inside the DDP forward" in proc.stdout + proc.stderr
+    assert proc.stdout.count("DDP objects alive at process-group teardown: 0") == 2, proc.stdout[-3000:]
