@@ -52,7 +52,10 @@ def read_clip_state_dict(path: str) -> Dict[str, torch.Tensor]:
                 # deprecated (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11), but such a file needs it
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=FutureWarning)
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=DeprecationWarning)
-                state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+                try:
+                    state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+                except (RuntimeError, ValueError, OSError) as jit_exc:  # a damaged archive: a named user error
+                    raise ValueError(f"{exc}; torch.jit.load cannot read it either: {jit_exc}") from jit_exc
     else:
         from .safe_load import load_checkpoint_file
 

@@ -223,7 +223,9 @@ def test_open_clip_archive_loads_without_torchscript(tmp_path, monkeypatch):
         raise AssertionError("torch.jit.load was called")
 
     monkeypatch.setattr(torch.jit, "load", no_jit)
-    state = read_clip_state_dict(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the normal path says nothing (no deprecation of jit.load, no fallback)
+        state = read_clip_state_dict(str(path))
     for key, value in source.state_dict().items():
         if key != "attn_mask":
             assert torch.equal(state[key], value), key
@@ -312,3 +314,18 @@ def test_archives_the_reader_cannot_take_are_refused_by_reason(tmp_path):
     assert is_torchscript_archive(str(legacy))
     with pytest.raises(TorchScriptArchiveError, match=r"legacy\.pt: a TorchScript archive of torch <= 1\.2"):
         read_torchscript_state_dict(str(legacy))
+
+
+def test_a_damaged_archive_is_a_value_error_naming_both_readers(tmp_path):
+    path = tmp_path / "zoo.pt"
+    torch.jit.script(Zoo()).save(str(path))
+    damaged = tmp_path / "damaged.pt"  # one storage record missing: neither reader can take it
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(damaged, "w") as dst:
+        dropped = sorted(n for n in src.namelist() if "/data/" in n)[0]
+        for item in src.infolist():
+            if item.filename != dropped:
+                dst.writestr(item, src.read(item.filename))
+    with pytest.warns(UserWarning, match="is missing; reading it with torch.jit.load instead"):
+        with pytest.raises(ValueError, match=r"damaged\.pt: storage record .* is missing; torch\.jit\.load cannot "
+                                             r"read it either"):
+            read_clip_state_dict(str(damaged))
