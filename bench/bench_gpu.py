@@ -86,6 +86,23 @@ def measured_cases(csv_path: str, run: str):
         return {(r["op"], r["variant"], r["shape"], r["dtype"]) for r in csv.DictReader(f) if r.get("run") == run}
 
 
+def tuned_configs(op: str) -> list:
+    """``kernel: config`` of each autotuned kernel of ``op`` as its last call chose it (the log shows, e.g., which
+    image split the descriptor's forward takes at each shape)."""
+    import importlib
+
+    from cascade_clip.kernels import launch
+
+    lines = []
+    for module, name in launch.AUTOTUNE_CANDIDATES:
+        if op not in module.rsplit(".", 1)[-1]:  # descriptor, mask_logits, loss(_sums)
+            continue
+        best = getattr(getattr(importlib.import_module(module), name), "best_config", None)
+        if best is not None:
+            lines.append(f"{name}: {best}")
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -131,6 +148,9 @@ def main(argv=None) -> int:
                 try:
                     fn, inputs = common.runner(case, provider, mode, device)
                     fn()  # compile / autotune outside the timed region
+                    if provider == "triton":
+                        for line in tuned_configs(case.op):
+                            print(f"# {case.id} {mode} tuned {line}", flush=True)
                     peak = common.peak_memory_mib(fn, inputs, device)
                     for timing in args.timings:
                         if timing == "graph" and device != "cuda":

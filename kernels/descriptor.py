@@ -40,23 +40,40 @@ def _config(warps: int, stages: int = 3, **blocks) -> "triton.Config":
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
+# IMAGE_GROUPS of a forward config: 0 lets the launcher's heuristic split the images (_image_groups); a positive
+# value asks for that many groups of programs (at most B), so ONE_IMAGE_PER_PROGRAM gives each program one image.
+ONE_IMAGE_PER_PROGRAM = 1 << 16
+
+
 def _fwd_configs():
     """Forward candidates on a GPU (the interpreter gets only the first). The first three are the launch heuristic's
     tiles (16, 32, 64 class rows at 1, 2, 4 warps), so the untuned kernel is always a candidate; then wider e-tiles,
-    longer K-slices and 128-row class tiles for Context/COCO-Stuff's 59-171 classes."""
+    longer K-slices and 128-row class tiles for Context/COCO-Stuff's 59-171 classes. The last five change only how
+    the images are split over programs, the trade the heuristic makes blind: more groups run more programs at once
+    but recompute the image-independent text term once per group (C=20 and C=171 missed the target with the
+    heuristic's split on the H200)."""
     return [
-        _config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
-        _config(1, BLOCK_C=16, BLOCK_E=64, BLOCK_K=64),
-        _config(2, BLOCK_C=32, BLOCK_E=64, BLOCK_K=64),
-        _config(4, BLOCK_C=16, BLOCK_E=128, BLOCK_K=64),
-        _config(4, BLOCK_C=32, BLOCK_E=128, BLOCK_K=64),
-        _config(4, BLOCK_C=32, BLOCK_E=64, BLOCK_K=128),
-        _config(4, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
-        _config(8, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
-        _config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=128),
-        _config(8, BLOCK_C=128, BLOCK_E=64, BLOCK_K=64),
-        _config(8, BLOCK_C=128, BLOCK_E=128, BLOCK_K=64),
+        _fwd_config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(1, BLOCK_C=16, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(2, BLOCK_C=32, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(4, BLOCK_C=16, BLOCK_E=128, BLOCK_K=64),
+        _fwd_config(4, BLOCK_C=32, BLOCK_E=128, BLOCK_K=64),
+        _fwd_config(4, BLOCK_C=32, BLOCK_E=64, BLOCK_K=128),
+        _fwd_config(4, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
+        _fwd_config(8, BLOCK_C=64, BLOCK_E=128, BLOCK_K=64),
+        _fwd_config(4, BLOCK_C=64, BLOCK_E=64, BLOCK_K=128),
+        _fwd_config(8, BLOCK_C=128, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(8, BLOCK_C=128, BLOCK_E=128, BLOCK_K=64),
+        _fwd_config(1, groups=2, BLOCK_C=16, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(2, groups=2, BLOCK_C=32, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(4, groups=1, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(4, groups=ONE_IMAGE_PER_PROGRAM, BLOCK_C=64, BLOCK_E=64, BLOCK_K=64),
+        _fwd_config(8, groups=ONE_IMAGE_PER_PROGRAM, BLOCK_C=128, BLOCK_E=64, BLOCK_K=64),
     ]
+
+
+def _fwd_config(warps: int, groups: int = 0, **blocks) -> "triton.Config":
+    return _config(warps, IMAGE_GROUPS=groups, **blocks)
 
 
 def _bwd_x_configs():
@@ -117,6 +134,7 @@ def _descriptor_fwd_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     OPERAND: tl.constexpr,  # dtype of the tl.dot operands formed in the kernel (see _operand_dtype)
+    IMAGE_GROUPS: tl.constexpr,  # read by the launcher's grid only (grid axis 2); the kernel works with any split
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
@@ -340,10 +358,12 @@ def _blocks(C, E, D):
 _TARGET_PROGRAMS = 256
 
 
-def _image_groups(tiles: int, B: int) -> int:
-    """Image groups (grid axis 2) for ``tiles`` programs per group. The kernels give each group ``cdiv(B, groups)``
-    images, so the count is rounded to one that leaves no group empty."""
-    groups = max(1, min(B, cdiv(_TARGET_PROGRAMS, max(tiles, 1))))
+def _image_groups(tiles: int, B: int, requested: int = 0) -> int:
+    """Image groups (grid axis 2) for ``tiles`` programs per group: ``requested`` ones (at most ``B``), or with 0 the
+    heuristic's count. The kernels give each group ``cdiv(B, groups)`` images, so the count is rounded to one that
+    leaves no group empty."""
+    wanted = requested if requested > 0 else cdiv(_TARGET_PROGRAMS, max(tiles, 1))
+    groups = max(1, min(B, wanted))
     return cdiv(B, cdiv(B, groups))
 
 
@@ -366,7 +386,7 @@ def descriptor_forward(text: torch.Tensor, g: torch.Tensor, weight: torch.Tensor
         # each candidate splits the images for its own tiles: 128x128 tiles at C=171 make a third of the programs
         # of 64x64 ones, so they need more image groups to fill the GPU (the kernel derives the group size)
         tiles = cdiv(C, meta["BLOCK_C"]) * cdiv(E, meta["BLOCK_E"])
-        return (tiles, S, _image_groups(tiles * S, B))
+        return (tiles, S, _image_groups(tiles * S, B, meta["IMAGE_GROUPS"]))
 
     _descriptor_fwd_kernel[grid](
         text, g, weight, bias, out, B, C, E, D,

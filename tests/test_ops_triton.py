@@ -171,7 +171,7 @@ def test_descriptor_image_groups(monkeypatch, groups):
     the tile count at real sizes, forced here): same results."""
     from cascade_clip.kernels import descriptor as desc_mod
 
-    monkeypatch.setattr(desc_mod, "_image_groups", lambda tiles, B: groups)
+    monkeypatch.setattr(desc_mod, "_image_groups", lambda tiles, B, requested=0: groups)
     _check_parity(ops.descriptor, _descriptor_inputs(7, 33, 3, 2, 17, torch.float32), torch.float32,
                   ["text", "g", "weight", "bias"])
 
