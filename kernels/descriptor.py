@@ -113,7 +113,7 @@ def _prune_class_blocks(configs, named_args, **kwargs):
 
 
 @autotune(_fwd_configs(), key=["B", "C", "E", "D", "PRECISION"], prune=_prune_class_blocks)
-@triton.jit
+@triton.jit(do_not_specialize=["IMAGE_GROUPS"])  # one binary for every split: candidates differing only there share it
 def _descriptor_fwd_kernel(
     text_ptr,  # (C, d)
     g_ptr,  # (B, d)
@@ -134,7 +134,7 @@ def _descriptor_fwd_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     OPERAND: tl.constexpr,  # dtype of the tl.dot operands formed in the kernel (see _operand_dtype)
-    IMAGE_GROUPS: tl.constexpr,  # read by the launcher's grid only (grid axis 2); the kernel works with any split
+    IMAGE_GROUPS,  # a tuning choice read by the launcher's grid only (grid axis 2); the kernel works with any split
 ):
     pid = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
