@@ -115,7 +115,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
                 raw = self._archive.read(record)
             except KeyError:
                 raise TorchScriptArchiveError(f"{self._path}: storage record {record} is missing") from None
-            itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
+            itemsize = storage_type.dtype.itemsize
             if len(raw) != numel * itemsize:
                 raise TorchScriptArchiveError(
                     f"{self._path}: storage {record} holds {len(raw)} bytes, {numel} x {storage_type.name} need "
