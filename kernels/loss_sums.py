@@ -24,7 +24,11 @@ Backward: with ``G = d out`` of shape ``(B, C, 4)`` (the target count has no gra
     d focal / d x = 0.25 (1 - p)^2 (2 p log p - (1 - p))           where t = 1
                   = 0.75 p^2 (p - 2 (1 - p) log(1 - p))            where t = 0
 
-masked to zero at ignored pixels when ``ignore_pixels``.
+multiplied by zero at ignored pixels when ``ignore_pixels``.
+
+Special values land where the reference puts them: the BCE has the reference's terms,
+``(1 - t) x - log sigmoid(x)`` (in a more accurate order); dropped pixels are multiplied by 0 (not selected away), so
+a NaN or inf logit there still makes its sums NaN; and a non-finite logit has a NaN gradient.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def _loss_sums_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs, in_image, labels, counted = _pixel_block(labels_ptr + b * stride_yb, pid, HW, IGNORE_PIXELS, BLOCK)
+    keep = counted.to(tl.float32)
     x_base = logits_ptr + b * stride_xb
     part_base = part_ptr + b * C * 4 * P + pid
     for c32 in range(C):
@@ -91,12 +96,17 @@ def _loss_sums_fwd_kernel(
         is_target = labels == c32  # padded lanes hold 255: never a target
         t = is_target.to(tl.float32)
         p = tl.sigmoid(x)
-        # BCE with logits: max(x, 0) - x t + log(1 + exp(-|x|))
-        bce = tl.maximum(x, 0.0) - x * t + _log1p_exp_neg_abs(x)
+        # BCE with logits from the reference's terms, (1 - t) x - log sigmoid(x) with log sigmoid(x) = min(x, 0) -
+        # log(1 + exp(-|x|)), in another order: (1 - t) x - min(x, 0) is exact for finite x, so the tail added last
+        # keeps a confident pixel's small BCE (the reference rounds it to 0 for |x| >= 17), and +-inf gives the
+        # reference's inf and NaN
+        bce = ((1.0 - t) * x - tl.minimum(x, 0.0)) + _log1p_exp_neg_abs(x)
         one_minus_pt = tl.where(is_target, 1.0 - p, p)
         alpha = tl.where(is_target, 0.25, 0.75)
-        focal = tl.where(counted, bce * one_minus_pt * one_minus_pt * alpha, 0.0)
-        p = tl.where(counted, p, 0.0)
+        # dropped pixels are multiplied by 0, as in the reference (a NaN or inf logit there still gives NaN); padded
+        # lanes hold x = 0, so they add exact zeros
+        focal = bce * one_minus_pt * one_minus_pt * alpha * keep
+        p = p * keep
         base = part_base + c * 4 * P
         tl.store(base, tl.sum(focal, axis=0))
         tl.store(base + P, tl.sum(p, axis=0))
@@ -120,6 +130,7 @@ def _loss_sums_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs, in_image, labels, counted = _pixel_block(labels_ptr + b * stride_yb, pid, HW, IGNORE_PIXELS, BLOCK)
+    keep = counted.to(tl.float32)
     x_base = logits_ptr + b * stride_xb
     dx_base = dx_ptr + b * C * HW
     for c32 in range(C):
@@ -136,7 +147,9 @@ def _loss_sums_bwd_kernel(
         log_q = tl.minimum(-x, 0.0) - softplus_tail  # log sigmoid(-x) = log(1 - p)
         d_focal = tl.where(is_target, 0.25 * q * q * (2.0 * p * log_p - q), 0.75 * p * p * (p - 2.0 * q * log_q))
         d_prob = g_prob + tl.where(is_target, g_overlap, 0.0)
-        dx = tl.where(counted, g_focal * d_focal + d_prob * (p * q), 0.0)
+        # x - x is 0 for finite x and NaN for +-inf and NaN, where the reference's gradient is NaN; dropped pixels are
+        # multiplied by 0 as in the reference
+        dx = (g_focal * d_focal + d_prob * (p * q) + (x - x)) * keep
         tl.store(dx_base + c * HW + offs, dx.to(dx_ptr.dtype.element_ty), mask=in_image)
 
 
@@ -154,6 +167,10 @@ def _flat(logits: torch.Tensor, labels: torch.Tensor):
     x = logits.reshape(B, C, H * W)
     if x.stride(2) != 1:
         x = x.contiguous()
+    if labels.dtype == torch.int8:
+        # read as uint8 bit patterns: the ignore label 255 stored in int8 is -1, and the reference (comparing with the
+        # Python scalar 255, wrapped to int8) and loss.check_labels take it as 255
+        labels = labels.view(torch.uint8)
     y = labels.reshape(B, H * W)
     if y.stride(1) != 1:
         y = y.contiguous()

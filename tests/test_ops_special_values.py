@@ -144,6 +144,29 @@ def test_float32_bias_beside_float16_operands(backend):
     _assert_same_values("output", out, ref)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("ignore_pixels", [False, True])
+def test_loss_sums_nan_and_inf_logits(backend, ignore_pixels):
+    """+inf, -inf and NaN logits on a target pixel, a pixel of another class and an ignore (255) pixel, one per image.
+    The reference's BCE, (1 - t) x - log sigmoid(x), is NaN at a +inf target and at every -inf pixel and +inf at a
+    +inf non-target; a pixel dropped by ``ignore_pixels`` is multiplied by 0, so a non-finite logit there still makes
+    its sums NaN; the gradient of every non-finite logit is NaN. The triton kernel once wrote the BCE as
+    max(x, 0) - x t + log(1 + exp(-|x|)) (NaN for a +inf non-target) and dropped ignored pixels with a select."""
+    torch.manual_seed(0)
+    values = [float("inf"), -float("inf"), float("nan")]
+    pixel_labels = [0, 1, 255]  # a target of class 0, another class, ignored
+    B, C, H, W = len(values) * len(pixel_labels), 2, 2, 3
+    logits = torch.randn(B, C, H, W)
+    labels = torch.randint(0, C, (B, H, W))
+    for b in range(B):
+        logits[b, 0, 0, 0] = values[b // len(pixel_labels)]
+        labels[b, 0, 0] = pixel_labels[b % len(pixel_labels)]
+    ref = ops.loss_sums(logits, labels, ignore_pixels=ignore_pixels, backend="reference")
+    assert torch.isnan(ref).any() and torch.isinf(ref).any()  # the case holds both kinds
+    _compare(lambda x, backend: ops.loss_sums(x, labels.to(x.device), ignore_pixels=ignore_pixels, backend=backend),
+             [logits], backend, torch.randn(B, C, 4), ["logits"])
+
+
 # ---------------------------------------------------------------- second derivatives
 
 
