@@ -1,7 +1,7 @@
 """The ``"cpp"`` backend of :mod:`cascade_clip.ops`: the C++ extension ``cascade_clip._C`` (``csrc/``).
 
-``cascade_clip._C`` registers the operators ``torch.ops.cascade_clip.{nga, descriptor, mask_logits}`` and their
-``*_backward`` operators with CPU kernels. This module adds what PyTorch needs around them: autograd formulas
+``cascade_clip._C`` registers the operators ``torch.ops.cascade_clip.{nga, descriptor, mask_logits, loss_sums}`` and
+their ``*_backward`` operators with CPU kernels. This module adds what PyTorch needs around them: autograd formulas
 (``torch.library.register_autograd``) and fake kernels (``torch.library.register_fake``) so that ``torch.compile`` and
 ``torch.library.opcheck`` can trace them. It is imported lazily by the ops registry through :func:`load_backend`; if
 the extension is missing or was built for another torch, :func:`load_backend` raises ``ImportError`` saying why (and
@@ -12,6 +12,7 @@ Shapes (the API of :mod:`cascade_clip.ops`):
 * ``nga``:         feats ``(S, K, B, N, D)``, weights ``(S, K)``                       -> ``(S, B, N, D)``
 * ``descriptor``:  text ``(C, d)``, g ``(B, d)``, weight ``(S, e, 2d)``, bias ``(S, e)`` -> ``(S, B, C, e)``
 * ``mask_logits``: q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale ``(S,)``, normalize      -> ``(B, C, N)``
+* ``loss_sums``:   logits ``(B, C, H, W)``, labels ``(B, H, W)``, ignore_pixels            -> ``(B, C, 4)`` float32
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import torch
 
 from .ops.first_order import first_order_only
 
+# Every operator csrc/ registers (a forward and its backward each); a build from older sources may lack some.
+_OPERATORS = tuple(f"{op}{suffix}" for op in ("nga", "descriptor", "mask_logits", "loss_sums")
+                   for suffix in ("", "_backward"))
 _load_error: Optional[str] = None  # why _C did not load (None: loaded or not tried yet)
 _loaded = False
 _warned = False
@@ -76,8 +80,13 @@ def _load_extension() -> None:
     if built_for != "unknown" and _release(built_for) != _release(torch.__version__):
         _load_error = f"cascade_clip._C was built for torch {built_for}, you have {torch.__version__}; rebuild it"
         return
-    if not hasattr(torch.ops.cascade_clip, "nga"):
+    missing = [name for name in _OPERATORS if not hasattr(torch.ops.cascade_clip, name)]
+    if len(missing) == len(_OPERATORS):
         _load_error = "cascade_clip._C loaded but registered no torch.ops.cascade_clip operators"
+        return
+    if missing:
+        _load_error = (f"cascade_clip._C lacks the operators {missing} (built from older sources); rebuild it "
+                       "(`pip install --no-build-isolation -e .`)")
         return
     _loaded = True
 
@@ -142,6 +151,14 @@ def _mask_logits_backward_fake(grad, q, k, scale, rk, normalize, output_mask):
     return tuple(t.new_empty(t.shape) if need else _empty_like_dtype(t) for t, need in zip((q, k, scale), output_mask))
 
 
+def _loss_sums_fake(logits, labels, ignore_pixels):
+    return logits.new_empty((logits.shape[0], logits.shape[1], 4), dtype=_compute_dtype(logits))
+
+
+def _loss_sums_backward_fake(grad, logits, labels, ignore_pixels):
+    return logits.new_empty(logits.shape)
+
+
 def _nga_setup(ctx, inputs, output):
     feats, weights = inputs
     ctx.save_for_backward(feats, weights)
@@ -181,8 +198,22 @@ def _mask_logits_bwd(ctx, saved, grad, _grad_rk):
     return tuple(gr if need else None for gr, need in zip(grads, mask)) + (None,)
 
 
+def _loss_sums_setup(ctx, inputs, output):
+    logits, labels, ignore_pixels = inputs
+    ctx.ignore_pixels = bool(ignore_pixels)
+    ctx.save_for_backward(logits, labels)
+
+
+@first_order_only("loss_sums", "cpp")
+def _loss_sums_bwd(ctx, saved, grad):
+    logits, labels = saved
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    return torch.ops.cascade_clip.loss_sums_backward(grad, logits, labels, ctx.ignore_pixels), None, None
+
+
 def _register_python_parts() -> None:
-    """Fake kernels for every op and autograd for the three forward ops (once per process)."""
+    """Fake kernels for every op and autograd for the four forward ops (once per process)."""
     global _registered
     if _registered:
         return
@@ -193,9 +224,12 @@ def _register_python_parts() -> None:
     torch.library.register_fake(lib + "descriptor_backward")(_descriptor_backward_fake)
     torch.library.register_fake(lib + "mask_logits")(_mask_logits_fake)
     torch.library.register_fake(lib + "mask_logits_backward")(_mask_logits_backward_fake)
+    torch.library.register_fake(lib + "loss_sums")(_loss_sums_fake)
+    torch.library.register_fake(lib + "loss_sums_backward")(_loss_sums_backward_fake)
     torch.library.register_autograd(lib + "nga", _nga_bwd, setup_context=_nga_setup)
     torch.library.register_autograd(lib + "descriptor", _descriptor_bwd, setup_context=_descriptor_setup)
     torch.library.register_autograd(lib + "mask_logits", _mask_logits_bwd, setup_context=_mask_logits_setup)
+    torch.library.register_autograd(lib + "loss_sums", _loss_sums_bwd, setup_context=_loss_sums_setup)
     _registered = True
 
 
@@ -219,6 +253,11 @@ def mask_logits(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, normalize
     return torch.ops.cascade_clip.mask_logits(q, k, scale, normalize)[0]
 
 
+def loss_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_pixels: bool) -> torch.Tensor:
+    """logits ``(B, C, H, W)``, labels ``(B, H, W)`` integers -> ``(B, C, 4)`` float32 (float64 for float64 logits)."""
+    return torch.ops.cascade_clip.loss_sums(logits, labels, ignore_pixels)
+
+
 def load_backend():
     """The ``"cpp"`` :class:`~cascade_clip.ops.registry.Backend`; ``ImportError`` (warned once) if ``_C`` is unusable."""
     global _warned
@@ -231,4 +270,4 @@ def load_backend():
             warnings.warn(f"cascade_clip: the 'cpp' ops backend is unavailable: {_load_error}", stacklevel=2)
         raise ImportError(_load_error)
     _register_python_parts()
-    return Backend("cpp", nga, descriptor, mask_logits, devices=("cpu",))
+    return Backend("cpp", nga, descriptor, mask_logits, devices=("cpu",), loss_sums=loss_sums)

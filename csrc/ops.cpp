@@ -1,4 +1,5 @@
-// CPU kernels of the three Cascade-CLIP head ops, registered as PyTorch operators `torch.ops.cascade_clip.*`.
+// CPU kernels of the three Cascade-CLIP head ops, registered as PyTorch operators `torch.ops.cascade_clip.*`
+// (with the schemas of the loss's sums, whose kernels are in loss_sums.cpp).
 //
 // Contract (shapes are the API, see cascade_clip/ops/__init__.py):
 //   nga(feats (S,K,B,N,D), weights (S,K))                          -> (S,B,N,D)   in feats' dtype
@@ -6,6 +7,7 @@
 //   mask_logits(q (S,B,C,d), k (S,B,N,d), scale (S,), normalize)   -> ((B,C,N) in q's dtype, rk)
 //     rk is (S,B,N) = 1 / max(|k[s,b,n]|, 1e-12) in the compute dtype when normalize, else an empty (0,) tensor;
 //     it is an extra output only so that the backward need not read k once more to get the norms.
+//   loss_sums(logits (B,C,H,W), labels (B,H,W), ignore_pixels)     -> (B,C,4) float32   (kernels in loss_sums.cpp)
 // Every op has a `*_backward` op; autograd, fake (meta) kernels and the Python API live in
 // cascade_clip/_cpp_backend.py.
 //
@@ -15,70 +17,15 @@
 
 #include <Python.h>
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <array>
-#include <cmath>
-#include <cstring>
-#include <vector>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define CC_X86_DISPATCH 1
-#include <immintrin.h>
-#else
-#define CC_X86_DISPATCH 0
-#endif
+#include "cpu_common.h"
 
 #ifndef CASCADE_CLIP_TORCH_VERSION
 #define CASCADE_CLIP_TORCH_VERSION "unknown"
 #endif
 
-// Hot loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and the best clone is picked at load time
-// by the dynamic loader (GCC function multi-versioning), so one build is both fast and portable. Elsewhere the
-// attribute is empty and the loops get whatever the compiler flags allow.
-#if CC_X86_DISPATCH
-#define CC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CC_MULTIVERSION
-#endif
-
 namespace cascade_clip {
 namespace {
-// The ops define their own dtypes (inputs' dtype out, float32 accumulation). Under torch.autocast the ATen matmuls
-// inside these kernels would otherwise be recast to bf16/fp16 and disagree with the buffers allocated around them.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
-// Elements handled per task. 2048 floats = 8 KiB per tap: the per-tile accumulators stay in L1 while each tap is
-// streamed once. Fixed (never derived from the thread count) so that tiled reductions are deterministic.
-constexpr int64_t kTile = 2048;
-// Lanes of the split accumulators of dot products: lets the compiler vectorise a reduction without -ffast-math
-// (which would make results depend on the compiler's reassociation).
-constexpr int64_t kLanes = 16;
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
-
-// Minimum tiles per parallel chunk: below ~64K elements a thread wake-up costs more than it saves.
-constexpr int64_t kTileGrain = std::max<int64_t>(1, 65536 / kTile);
-
-at::ScalarType compute_dtype(std::initializer_list<at::Tensor> ts) {
-  for (const auto& t : ts) {
-    if (t.scalar_type() == at::kDouble) return at::kDouble;
-  }
-  return at::kFloat;
-}
-
-void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "cascade_clip: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "cascade_clip: ", name, " must be floating point, got ",
-              t.scalar_type());
-}
 
 // sum_j a[j] * b[j] over n elements with kLanes split accumulators (fixed order: deterministic).
 template <typename A, typename T>
@@ -955,6 +902,9 @@ TORCH_LIBRARY(cascade_clip, m) {
   m.def(
       "mask_logits_backward(Tensor grad, Tensor q, Tensor k, Tensor scale, Tensor rk, bool normalize, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // CPU kernels in loss_sums.cpp
+  m.def("loss_sums(Tensor logits, Tensor labels, bool ignore_pixels) -> Tensor");
+  m.def("loss_sums_backward(Tensor grad, Tensor logits, Tensor labels, bool ignore_pixels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cascade_clip, CPU, m) {

@@ -395,6 +395,21 @@ def test_build_for_another_torch_is_reported(monkeypatch):
     assert f"built for torch 2.0.0+cpu, you have {torch.__version__}" in reason
 
 
+def test_build_from_older_sources_is_reported(monkeypatch):
+    """A _C built before the loss kernels existed registers only the head ops: the backend says to rebuild it instead
+    of failing later at the first loss."""
+    import types
+
+    head_ops = {name: getattr(torch.ops.cascade_clip, name) for name in _cpp_backend._OPERATORS
+                if not name.startswith("loss_sums")}
+    monkeypatch.setattr(torch.ops, "cascade_clip", types.SimpleNamespace(**head_ops))
+    monkeypatch.setattr(_cpp_backend, "_loaded", False)
+    monkeypatch.setattr(_cpp_backend, "_load_error", None)
+    loaded, reason = _cpp_backend.status()
+    assert not loaded
+    assert "lacks the operators ['loss_sums', 'loss_sums_backward']" in reason and "rebuild it" in reason
+
+
 def test_built_for_version_is_in_the_binary():
     assert _cpp_backend.extension_torch_version() == torch.__version__
     assert _cpp_backend._built_for_from_binary() == torch.__version__

@@ -40,7 +40,7 @@ class Backend:
     devices: tuple = ("cpu", "cuda")
     # The floating-point dtypes its kernels compute; "auto" serves other dtypes (float64 on CUDA) with the reference.
     dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    # The loss's per-mask sums; backends without their own (the C++ one) compute them with the reference.
+    # The loss's per-mask sums; a backend without its own computes them with the reference.
     loss_sums: Callable = reference.loss_sums
 
 
