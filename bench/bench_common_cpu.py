@@ -1,4 +1,4 @@
-"""Shared setup of the CPU benchmark (issue 4): inputs at the VOC training shapes and the providers to compare.
+"""Shared setup of the CPU benchmark: inputs at the VOC training shapes and the providers to compare.
 
 Used by ``bench/bench_cpu.py`` (the CSV/RESULTS.md script) and ``bench/test_bench_cpu.py`` (pytest-benchmark), so both
 time exactly the same calls.
@@ -8,6 +8,9 @@ Shapes (VOC training: B=2 images, 32x32 grid -> N=1024 tokens, width D=512, C=15
 * ``nga``:         feats ``(S=2, K=3, B=2, N=1024, D=512)``, weights ``(2, 3)``
 * ``descriptor``:  text ``(C=15, d=512)``, g ``(B=2, 512)``, weight ``(S=3, e=512, 1024)``, bias ``(3, 512)``
 * ``mask_logits``: q ``(S=3, B=2, C=15, d=512)``, k ``(3, 2, N=1024, 512)``, heads=8 -> scale ``64**-0.5 / 8``
+* ``loss``:        the training loss (focal x100 + dice) of upsampled mask logits ``(B=2, C=15, 512, 512)`` and labels
+  ``(2, 512, 512)`` with 10% ignore pixels; ``reference`` and ``cpp`` are ``cascade_clip.loss.segmentation_loss`` on
+  that backend's ``ops.loss_sums``
 
 Providers: ``eager`` (the official formulation, ``bench/official_ops.py``), ``compile`` (``torch.compile`` of it),
 ``reference`` (our reference backend) and ``cpp`` (the C++ extension), each in mode ``fwd`` (inference, no autograd)
@@ -34,6 +37,8 @@ import official_ops  # noqa: E402  (bench/ is not a package)
 from cascade_clip import ops  # noqa: E402
 
 HEADS = 8
+LOSS_SIDE = 512  # the loss runs on the mask logits upsampled to the 512 x 512 training crop
+OPS = ("nga", "descriptor", "mask_logits", "loss")
 PROVIDERS = ("eager", "compile", "reference", "cpp")
 MODES = ("fwd", "fwd+bwd")
 
@@ -72,9 +77,16 @@ def make_case(op: str, dtype: torch.dtype = torch.float32, requires_grad: bool =
         inputs = (rand(S, B, C, d), rand(S, B, N, d))
         out_shape, shape = (B, C, N), f"S={S} B={B} C={C} N={N} d={d} heads={HEADS}"
         extra = {"heads": HEADS, "scale": (d // HEADS) ** -0.5 / HEADS}
+    elif op == "loss":
+        B, C, side = 2, 15, LOSS_SIDE
+        labels = torch.randint(0, C, (B, side, side), generator=gen)
+        labels[torch.rand(B, side, side, generator=gen) < 0.1] = 255
+        inputs = (rand(B, C, side, side, scale=3.0), labels)
+        out_shape, shape = (), f"B={B} C={C} H=W={side}"
+        extra = {}
     else:
         raise ValueError(f"unknown op {op!r}")
-    grad = torch.randn(*out_shape, generator=gen).to(dtype)
+    grad = torch.randn(out_shape, generator=gen).to(dtype)
     return Case(op, shape, inputs, grad, extra)
 
 
@@ -84,12 +96,16 @@ _compiled: Dict[str, Callable] = {}
 def official_layout(case: Case, requires_grad: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """``(inputs, output gradients)`` as the official head has them: ``official_ops.split_stacked`` of the case's
     inputs and one gradient per official output."""
+    if case.op == "loss":  # one scalar output; the logits come as the loss gets them
+        return list(case.inputs), [case.grad]
     inputs = official_ops.split_stacked(case.op, case.inputs, requires_grad)
     return inputs, ([case.grad] if case.op == "mask_logits" else list(case.grad))
 
 
 def official_fn(case: Case) -> Callable[..., List[torch.Tensor]]:
     """The official formulation over :func:`official_layout`'s inputs (flat arguments), returning a list."""
+    if case.op == "loss":
+        return lambda logits, labels: [official_ops.seg_loss(logits, labels)]
     if case.op == "mask_logits":
         return official_ops.flat_stages_fn("mask_logits", case.inputs[0].shape[0], heads=case.extra["heads"])
     if case.op == "nga":
@@ -109,6 +125,11 @@ def provider_fn(op: str, provider: str, case: Case) -> Callable[..., torch.Tenso
             fn = _compiled[op]
         return fn
     if provider in ("reference", "cpp"):
+        if op == "loss":
+            from cascade_clip.loss import segmentation_loss
+
+            # labels are valid by construction; the check (a full pass over them) is the same for every provider
+            return lambda x, y: segmentation_loss(x, y, backend=provider, validate_labels=False)["loss"]
         if op == "mask_logits":
             scale = case.extra["scale"]
 
@@ -144,7 +165,8 @@ def make_step(op: str, provider: str, mode: str, dtype: torch.dtype = torch.floa
 
         def step():
             for t in inputs:
-                t.grad = None
+                if t.is_floating_point():
+                    t.grad = None
             out = fn(*inputs)
             torch.autograd.backward(out if isinstance(out, list) else [out], grads)
 

@@ -1,6 +1,6 @@
-"""CPU benchmark of the three head ops (issue 4): eager official formulation, torch.compile of it, reference, cpp.
+"""CPU benchmark of the three head ops and the loss: eager official formulation, torch.compile of it, reference, cpp.
 
-    python bench/bench_cpu.py --out bench/results_cpu.csv [--ops nga,descriptor,mask_logits] [--min-run-time 2]
+    python bench/bench_cpu.py --out bench/results_cpu.csv [--ops nga,descriptor,mask_logits,loss] [--min-run-time 2]
 
 Times every (op, provider, mode) at the VOC training shapes (see ``bench_common_cpu.py``) with
 ``torch.utils.benchmark.Timer.blocked_autorange``; the providers of one (op, mode) take turns in several rounds so that
@@ -70,7 +70,7 @@ def measure_interleaved(steps: dict, min_run_time: float, rounds: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_cpu.csv"))
-    parser.add_argument("--ops", default="nga,descriptor,mask_logits")
+    parser.add_argument("--ops", default=",".join(common.OPS))
     parser.add_argument("--providers", default=",".join(common.PROVIDERS))
     parser.add_argument("--modes", default=",".join(common.MODES))
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per provider")

@@ -1,4 +1,4 @@
-"""pytest-benchmark cases of the CPU benchmark (issue 4): ``pytest bench --benchmark-only``.
+"""pytest-benchmark cases of the CPU benchmark: ``pytest bench --benchmark-only``.
 
 Same inputs and providers as ``bench/bench_cpu.py`` (both come from ``bench_common_cpu.py``); the script is the one
 that writes ``results_cpu.csv`` and the RESULTS.md table.
@@ -17,7 +17,7 @@ import bench_common_cpu as common  # noqa: E402
 
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("provider", common.PROVIDERS)
-@pytest.mark.parametrize("op", ["nga", "descriptor", "mask_logits"])
+@pytest.mark.parametrize("op", common.OPS)
 def test_cpu_op(benchmark, op, provider, mode):
     if provider not in common.available_providers():
         pytest.skip(f"provider {provider!r} unavailable (cpp needs the built extension)")
