@@ -24,12 +24,17 @@
 
 #include "cpu_common.h"
 
-#include <bit>
-
 namespace cascade_clip {
 namespace {
 
 constexpr int32_t kIgnoreLabel = 255;  // cascade_clip.catalog.IGNORE_INDEX
+
+// The float with these bits (std::bit_cast without needing a C++20 library; compiles to a register move).
+inline float float_from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // exp(a) for a <= 0 or NaN, float32, vectorisable (no calls, no branches). Cody-Waite reduction a = n ln2 + r with
 // |r| <= ln2 / 2 and Cephes' degree-6 polynomial for exp(r) (relative error ~1e-7, about one ulp); 2^n is applied as
@@ -50,15 +55,16 @@ inline float exp_nonpositive(float a) {
   const float y = poly * r * r + r + 1.0f;
   const int32_t ni = static_cast<int32_t>(n);  // in [-150, 0]
   const int32_t n1 = ni / 2, n2 = ni - n1;     // each in [-75, 0]: 2^n1 and 2^n2 are normal floats
-  const float s1 = std::bit_cast<float>((n1 + 127) << 23);
-  const float s2 = std::bit_cast<float>((n2 + 127) << 23);
+  const float s1 = float_from_bits((n1 + 127) << 23);
+  const float s2 = float_from_bits((n2 + 127) << 23);
   const float result = a > -104.0f ? y * s1 * s2 : 0.0f;
   return a == a ? result : a;
 }
 
 // log(1 + u) for u in [0, 1] (and NaN), float32, vectorisable. With f = u (u < 1/2) or f = (u - 1) / 2 (u >= 1/2, then
 // log1p(u) = ln2 + log1p(f); u - 1 is exact there), log1p(f) = 2 atanh(s) with s = f / (2 + f), |s| <= 0.2, from its
-// series to s^9 (truncation below 1e-8 relative). Small u keep full relative precision (no 1 + u is rounded).
+// series to s^9 (truncation below 1e-8 relative). Small u keep their relative precision down to the normal range (no
+// 1 + u is rounded; a subnormal u may lose it, where the result is added to |x| >= 87 anyway).
 inline float log1p_unit(float u) {
   const bool upper = u >= 0.5f;
   const float f = upper ? (u - 1.0f) * 0.5f : u;
@@ -218,12 +224,30 @@ void check_loss_inputs(const at::Tensor& logits, const at::Tensor& labels, const
               labels.sizes());
 }
 
-// Labels as contiguous int32 (B, HW): one small copy (1/C of the logits) so the kernels need one label type. int8
-// labels are read as their uint8 bit patterns, so the ignore label 255 stored in int8 (-1) is 255 here, as the
-// reference's comparison with the Python scalar 255 (wrapped to int8) and loss.check_labels take it.
-at::Tensor labels_int32(const at::Tensor& labels) {
-  const at::Tensor bits = labels.scalar_type() == at::kChar ? labels.view(at::kByte) : labels;
-  return bits.to(at::kInt).contiguous().view({labels.size(0), -1});
+// A label that is no class and not the ignore label (negative, or past 255): never equal to a class index or 255.
+constexpr int32_t kNoClass = -2;
+
+// Labels as contiguous int32 (B, HW), in one pass (1/C of the logits' size) so the kernels need one label type. Every
+// value keeps the meaning the reference gives it: [0, 255] as is; anything else (int64 past int32, negatives) matches
+// no class and is not ignored, so it becomes kNoClass rather than being truncated. The one exception is int8 -1: the
+// reference compares labels with the Python scalar 255, which wraps to -1 in int8 (loss.check_labels likewise), so
+// there -1 is the ignore label.
+at::Tensor labels_int32(const at::Tensor& labels_in) {
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor out = at::empty({labels.size(0), labels.numel() / std::max<int64_t>(labels.size(0), 1)},
+                             labels.options().dtype(at::kInt));
+  int32_t* op = out.mutable_data_ptr<int32_t>();
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "cascade_clip::loss_sums_labels", [&] {
+    const scalar_t* lp = labels.const_data_ptr<scalar_t>();
+    at::parallel_for(0, labels.numel(), 65536, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        int64_t v = static_cast<int64_t>(lp[i]);
+        if constexpr (std::is_same_v<scalar_t, int8_t>) v = v == -1 ? kIgnoreLabel : v;
+        op[i] = (v >= 0 && v <= kIgnoreLabel) ? static_cast<int32_t>(v) : kNoClass;
+      }
+    });
+  });
+  return out;
 }
 
 at::Tensor loss_sums_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in, bool ignore_pixels) {

@@ -64,7 +64,10 @@ def _pixel_block(labels_row_ptr, pid, HW, IGNORE_PIXELS: tl.constexpr, BLOCK: tl
     class) and the mask of pixels that count in the sums (all in the image, or the non-255 ones)."""
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     in_image = offs < HW
-    labels = tl.load(labels_row_ptr + offs, mask=in_image, other=IGNORE_INDEX).to(tl.int32)
+    # compared as int64 before narrowing (once per block, for all classes): a value outside [0, 255] (int64 past
+    # int32, a negative) matches no class and is not ignored, as in the reference; -2 keeps it so instead of truncating
+    raw = tl.load(labels_row_ptr + offs, mask=in_image, other=IGNORE_INDEX).to(tl.int64)
+    labels = tl.where((raw >= 0) & (raw <= IGNORE_INDEX), raw, -2).to(tl.int32)
     counted = in_image
     if IGNORE_PIXELS:
         counted = counted & (labels != IGNORE_INDEX)
@@ -168,9 +171,9 @@ def _flat(logits: torch.Tensor, labels: torch.Tensor):
     if x.stride(2) != 1:
         x = x.contiguous()
     if labels.dtype == torch.int8:
-        # read as uint8 bit patterns: the ignore label 255 stored in int8 is -1, and the reference (comparing with the
-        # Python scalar 255, wrapped to int8) and loss.check_labels take it as 255
-        labels = labels.view(torch.uint8)
+        # int8 -1 is the ignore label: the reference compares labels with the Python scalar 255, which wraps to -1 in
+        # int8 (loss.check_labels likewise); other negatives stay negative (no class). A small copy of a rare dtype.
+        labels = labels.to(torch.int16).masked_fill_(labels == -1, _IGNORE_LABEL)
     y = labels.reshape(B, H * W)
     if y.stride(1) != 1:
         y = y.contiguous()

@@ -126,6 +126,26 @@ def test_label_dtypes(backend, label_dtype):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("ignore_pixels", [False, True])
+def test_label_values_outside_the_classes(backend, ignore_pixels):
+    """The op does not validate label values (loss.check_labels does); whatever they hold, the fused backends must
+    read them as the reference does: an int64 label past int32 is no class (it once wrapped to class k or to 255),
+    an int8 label below -1 is no class (it once became class 256 + v), int8 -1 is the ignore label 255 (the reference
+    compares with the Python scalar 255, which wraps to -1 in int8), and 300 or -5 are no class and not ignored."""
+    device = BACKEND_DEVICE[backend]
+    cases = {
+        torch.int64: [2**32 + 1, 2**32 + 255, 300, -5, 255, 0, 2**40, 200],
+        torch.int32: [300, -5, -1, 255, 0, 200, 2**31 - 1, 3],
+        torch.int16: [300, -5, -1, 255, 0, 200, -32768, 3],
+        torch.int8: [-56, -2, -1, 0, 127, -128, 5, 3],
+    }
+    for label_dtype, values in cases.items():
+        labels = torch.tensor(values, dtype=label_dtype, device=device).view(1, 2, 4)
+        logits = torch.randn(1, 201, 2, 4, device=device) * 3  # 201 classes: class 200 = 256 - 56 exists
+        _check_parity(backend, logits, labels, ignore_pixels)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_saturated_logits_all_ignored_image_and_absent_classes(backend):
     """Logits of +-40 (sigmoid is exactly 0 or 1 in float32), logits past float32's exp range (+-100: exp(-100) is
     subnormal, exp(-110) is 0), an image with only ignore labels, classes absent."""
