@@ -66,7 +66,7 @@ def _pixel_block(labels_row_ptr, pid, HW, IGNORE_PIXELS: tl.constexpr, BLOCK: tl
     in_image = offs < HW
     # compared as int64 before narrowing (once per block, for all classes): a value outside [0, 255] (int64 past
     # int32, a negative) matches no class and is not ignored, as in the reference; -2 keeps it so instead of truncating
-    raw = tl.load(labels_row_ptr + offs, mask=in_image, other=IGNORE_INDEX).to(tl.int64)
+    raw = tl.load(labels_row_ptr + offs, mask=in_image, other=IGNORE_INDEX)
     labels = tl.where((raw >= 0) & (raw <= IGNORE_INDEX), raw, -2).to(tl.int32)
     counted = in_image
     if IGNORE_PIXELS:
@@ -77,7 +77,7 @@ def _pixel_block(labels_row_ptr, pid, HW, IGNORE_PIXELS: tl.constexpr, BLOCK: tl
 @triton.jit
 def _loss_sums_fwd_kernel(
     logits_ptr,  # (B, C, HW), contiguous per channel
-    labels_ptr,  # (B, HW) any integer dtype
+    labels_ptr,  # (B, HW) int64
     part_ptr,  # (B, C, 4, P) float32
     C,
     HW,
@@ -120,7 +120,7 @@ def _loss_sums_fwd_kernel(
 @triton.jit
 def _loss_sums_bwd_kernel(
     logits_ptr,  # (B, C, HW)
-    labels_ptr,  # (B, HW)
+    labels_ptr,  # (B, HW) int64
     grad_ptr,  # (B, C, 4) float32, contiguous
     dx_ptr,  # (B, C, HW) logits' dtype, contiguous
     C,
@@ -165,15 +165,18 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def _flat(logits: torch.Tensor, labels: torch.Tensor):
-    """(B, C, HW) logits and (B, HW) labels, each pixel row contiguous (a copy only when a view cannot do it)."""
+    """(B, C, HW) logits and (B, HW) int64 labels, each pixel row contiguous (a copy only when a view cannot do it)."""
     B, C, H, W = logits.shape
     x = logits.reshape(B, C, H * W)
     if x.stride(2) != 1:
         x = x.contiguous()
-    if labels.dtype == torch.int8:
-        # int8 -1 is the ignore label: the reference compares labels with the Python scalar 255, which wraps to -1 in
-        # int8 (loss.check_labels likewise); other negatives stay negative (no class). A small copy of a rare dtype.
-        labels = labels.to(torch.int16).masked_fill_(labels == -1, _IGNORE_LABEL)
+    if labels.dtype != torch.int64:
+        # The kernels take the data pipeline's int64 labels only, so one compiled variant serves every label dtype;
+        # others are widened (a copy of 1/C of the logits' size). int8 -1 is the ignore label: the reference compares
+        # labels with the Python scalar 255, which wraps to -1 in int8 (loss.check_labels likewise); other negatives
+        # stay negative (no class).
+        widened = labels.to(torch.int64)
+        labels = widened.masked_fill_(labels == -1, _IGNORE_LABEL) if labels.dtype == torch.int8 else widened
     y = labels.reshape(B, H * W)
     if y.stride(1) != 1:
         y = y.contiguous()
