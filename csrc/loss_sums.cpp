@@ -125,21 +125,39 @@ inline const A* widen(const T* x, A* buf, int64_t len) {
   }
 }
 
+// One task of the (B, tiles) grid: image b, its pixels [p0, p0 + len) and their labels; keep[j] (the caller's buffer)
+// is 1 where pixel j counts in the first three sums and 0 where ignore_pixels drops it.
+struct PixelTile {
+  int64_t b, tile, p0, len;
+  const int32_t* labels;
+};
+
+template <typename A>
+inline PixelTile pixel_tile(int64_t task, int64_t tiles, int64_t HW, const int32_t* labels, bool ignore_pixels,
+                            A* keep) {
+  PixelTile pt;
+  pt.b = task / tiles;
+  pt.tile = task % tiles;
+  pt.p0 = pt.tile * kTile;
+  pt.len = std::min(kTile, HW - pt.p0);
+  pt.labels = labels + pt.b * HW + pt.p0;
+  for (int64_t j = 0; j < pt.len; ++j) keep[j] = (ignore_pixels && pt.labels[j] == kIgnoreLabel) ? A(0) : A(1);
+  return pt;
+}
+
 // Forward tasks [begin, end) of the (B, tiles) grid. logits (B, C, HW), labels (B, HW) int32; partials
 // (B, tiles, C, 4). Per class, one element-wise pass writes each pixel's four terms to tile buffers (L1), then four
 // lane-split sums reduce them: two simple loops that both vectorise.
 template <typename T, typename A>
 CC_MULTIVERSION void loss_sums_forward_range(const T* logits, const int32_t* labels, A* partials, int64_t C, int64_t HW,
                                              int64_t tiles, bool ignore_pixels, int64_t begin, int64_t end) {
-  alignas(64) A keep[kTile];  // 1 where the pixel counts in the first three sums, 0 where ignore_pixels drops it
+  alignas(64) A keep[kTile];  // see pixel_tile
   alignas(64) A focal[kTile], prob[kTile], overlap[kTile], target[kTile];
   alignas(64) A x_acc[std::is_same_v<T, A> ? 1 : kTile];  // half-precision logits widened first (a scalar loop)
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / tiles, tile = task % tiles;
-    const int64_t p0 = tile * kTile;
-    const int64_t len = std::min(kTile, HW - p0);
-    const int32_t* lab = labels + b * HW + p0;
-    for (int64_t j = 0; j < len; ++j) keep[j] = (ignore_pixels && lab[j] == kIgnoreLabel) ? A(0) : A(1);
+    const PixelTile pt = pixel_tile(task, tiles, HW, labels, ignore_pixels, keep);
+    const int64_t b = pt.b, tile = pt.tile, p0 = pt.p0, len = pt.len;
+    const int32_t* lab = pt.labels;
     for (int64_t c = 0; c < C; ++c) {
       const A* x = widen(logits + (b * C + c) * HW + p0, x_acc, len);
       const int32_t cls = static_cast<int32_t>(c);
@@ -180,11 +198,9 @@ CC_MULTIVERSION void loss_sums_backward_range(const A* grad, const T* logits, co
   alignas(64) A x_acc[std::is_same_v<T, A> ? 1 : kTile];
   alignas(64) A dx_acc[std::is_same_v<T, A> ? 1 : kTile];
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / tiles, tile = task % tiles;
-    const int64_t p0 = tile * kTile;
-    const int64_t len = std::min(kTile, HW - p0);
-    const int32_t* lab = labels + b * HW + p0;
-    for (int64_t j = 0; j < len; ++j) keep[j] = (ignore_pixels && lab[j] == kIgnoreLabel) ? A(0) : A(1);
+    const PixelTile pt = pixel_tile(task, tiles, HW, labels, ignore_pixels, keep);
+    const int64_t b = pt.b, p0 = pt.p0, len = pt.len;
+    const int32_t* lab = pt.labels;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t row = (b * C + c) * HW + p0;
       const A* x = widen(logits + row, x_acc, len);
