@@ -33,8 +33,12 @@ def calibrated_scores(mask_logits: torch.Tensor, seen: Sequence[int], calibratio
     """(B, C, H, W) logits -> sigmoid scores with ``calibration`` subtracted on the ``seen`` channels."""
     scores = torch.sigmoid(mask_logits.float())
     if calibration and len(seen):
-        index = torch.as_tensor(list(seen), device=scores.device, dtype=torch.long)
-        scores[:, index] -= calibration
+        # one broadcast subtraction of a per-channel shift (0 off the seen channels: x - 0 is x, so the values are
+        # those of subtracting on the seen channels alone) instead of gathering and scattering the seen channels,
+        # which for COCO-Stuff's 156 seen of 171 classes copied most of the scores twice
+        shift = torch.zeros(scores.shape[1], dtype=scores.dtype, device=scores.device)
+        shift[torch.as_tensor(list(seen), device=scores.device, dtype=torch.long)] = calibration
+        scores.sub_(shift.view(1, -1, 1, 1))
     return scores
 
 
@@ -86,7 +90,7 @@ def slide_inference(
         for i, (y1, y2, x1, x2) in enumerate(group):
             total[:, :, y1:y2, x1:x2] += scores[i * batch : (i + 1) * batch]
             count[:, :, y1:y2, x1:x2] += 1
-    return total / count
+    return total.div_(count)  # in place: no second (B, C, H, W) buffer
 
 
 def official_test_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
