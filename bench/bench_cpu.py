@@ -57,7 +57,9 @@ def measure_interleaved(steps: dict, min_run_time: float, rounds: int) -> dict:
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            m = Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time / rounds)
+            # Timer runs its statement with num_threads=1 unless told otherwise: time with the threads the row records
+            m = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(
+                min_run_time=min_run_time / rounds)
             times[name].extend(m.times)
     result = {}
     for name, ts in times.items():

@@ -344,6 +344,25 @@ def test_bench_gpu_dry_run_run_id_compile_and_skip_measured(tmp_path):
     assert [(r["run"], r["provider"]) for r in rows[3:]] == [("run-2", "eager"), ("run-2", "triton")]
 
 
+def test_cpu_bench_loss_case_is_one_loss_for_every_provider():
+    """The loss case's providers compute the same loss and logit gradient from the same inputs: the official
+    element-wise loss (eager), and segmentation_loss on the reference and cpp backends."""
+    common = _bench_module("bench_common_cpu")
+    results = {}
+    for provider in [p for p in ("eager", "reference", "cpp") if p in common.available_providers()]:
+        case = common.make_case("loss", requires_grad=True)  # the same seed: the same values for each provider
+        inputs, grads = common.official_layout(case, requires_grad=True) if provider == "eager" else (
+            list(case.inputs), [case.grad])
+        out = common.provider_fn("loss", provider, case)(*inputs)
+        torch.autograd.backward(out if isinstance(out, list) else [out], grads)
+        results[provider] = ((out[0] if isinstance(out, list) else out).detach(), case.inputs[0].grad)
+    assert "cpp" in results and "reference" in results
+    loss, grad = results["eager"]
+    for provider in ("reference", "cpp"):
+        torch.testing.assert_close(results[provider][0], loss, rtol=1e-5, atol=1e-5, msg=provider)
+        torch.testing.assert_close(results[provider][1], grad, rtol=1e-5, atol=1e-7, msg=provider)
+
+
 def test_cpu_bench_official_layout_computes_the_op():
     """The CPU benchmark's eager provider (separate taps, per-stage q/k and parameters, as the official head holds
     them) computes the op and all its gradients: equal to the reference backend on the stacked inputs."""
