@@ -59,8 +59,8 @@ def loss_terms(
         check_labels(labels, num_classes)
     if mask_logits.shape[-2:] != labels.shape[-2:]:
         mask_logits = F.interpolate(mask_logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    # per (image, class): sums over pixels of the focal term, p, p * t and t (one fused pass on the triton backend;
-    # the reference backend is the official element-wise formulation)
+    # per (image, class): sums over pixels of the focal term, p, p * t and t (one fused pass on the triton and cpp
+    # backends; the reference backend is the official element-wise formulation)
     sums = ops.loss_sums(mask_logits, labels, ignore_pixels=ignore_pixels, backend=backend)
     focal_sum, p_sum, pt_sum, t_sum = sums.unbind(dim=-1)
     present = t_sum > 0  # (B, C): the classes present in each image
