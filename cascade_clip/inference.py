@@ -33,12 +33,19 @@ def calibrated_scores(mask_logits: torch.Tensor, seen: Sequence[int], calibratio
     """(B, C, H, W) logits -> sigmoid scores with ``calibration`` subtracted on the ``seen`` channels."""
     scores = torch.sigmoid(mask_logits.float())
     if calibration and len(seen):
-        # one broadcast subtraction of a per-channel shift (0 off the seen channels: x - 0 is x, so the values are
-        # those of subtracting on the seen channels alone) instead of gathering and scattering the seen channels,
-        # which for COCO-Stuff's 156 seen of 171 classes copied most of the scores twice
-        shift = torch.zeros(scores.shape[1], dtype=scores.dtype, device=scores.device)
-        shift[torch.as_tensor(list(seen), device=scores.device, dtype=torch.long)] = calibration
-        scores.sub_(shift.view(1, -1, 1, 1))
+        # one broadcast subtraction of a per-channel shift over the channels from the first to the last seen one (0
+        # off the seen channels: x - 0 is x, so the values are those of subtracting on the seen channels alone)
+        # instead of gathering and scattering the seen channels, which for COCO-Stuff's 156 seen of 171 classes
+        # copied most of the scores twice
+        classes = scores.shape[1]
+        index = torch.as_tensor([int(i) for i in seen], dtype=torch.long)  # a list, a range, an array, a tensor
+        if bool(((index < -classes) | (index >= classes)).any()):
+            raise IndexError(f"seen class indices {index.tolist()} out of range for {classes} classes")
+        index = torch.where(index < 0, index + classes, index)  # negative indices count from the end, as in indexing
+        lo, hi = int(index.min()), int(index.max()) + 1
+        shift = torch.zeros(hi - lo, dtype=scores.dtype)
+        shift[index - lo] = calibration
+        scores[:, lo:hi].sub_(shift.to(scores.device).view(1, -1, 1, 1))
     return scores
 
 

@@ -306,21 +306,25 @@ def test_segment_averages_calibrated_window_scores():
     torch.testing.assert_close(calibrated[:, 1], plain[:, 1] - 0.1)
 
 
-@pytest.mark.parametrize("seen", [list(range(156)), [3, 170, 0], []])
+@pytest.mark.parametrize("seen", [list(range(156)), [3, 170, 0], [], [5], [-1, 2], [7, 7, 3], torch.tensor([4, 9])])
 def test_calibration_is_exactly_a_subtraction_on_the_seen_channels(seen):
     """The per-channel shift (0 elsewhere) gives the bits of subtracting the calibration on the seen channels only,
-    NaN and inf included (COCO-Stuff's 156 seen of 171 classes, a few, none)."""
+    NaN and inf included (COCO-Stuff's 156 seen of 171 classes, a few, one, none, a negative index counted from the
+    end, a repeated one, a tensor); an index out of range is an IndexError, as indexing gave."""
     torch.manual_seed(0)
     logits = torch.randn(2, 171, 9, 11) * 5
     logits[0, 3, 0, 0], logits[1, 5, 1, 1] = float("nan"), float("inf")
     for calibration in (0.1, 0.0):
         expected = torch.sigmoid(logits)
         if calibration:
-            for c in seen:
+            for c in {int(i) % 171 for i in seen}:  # once per seen channel, a repeated index too (as indexing did)
                 expected[:, c] -= calibration
         got = calibrated_scores(logits, seen, calibration)
         assert torch.equal(got.isnan(), expected.isnan())
         assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+    for bad in ([171], [0, -172]):
+        with pytest.raises(IndexError, match="out of range for 171 classes"):
+            calibrated_scores(logits, bad, 0.1)
 
 
 def test_segment_window_batches_give_the_same_scores():
