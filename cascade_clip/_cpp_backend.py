@@ -206,9 +206,7 @@ def _loss_sums_setup(ctx, inputs, output):
 
 @first_order_only("loss_sums", "cpp")
 def _loss_sums_bwd(ctx, saved, grad):
-    logits, labels = saved
-    if not ctx.needs_input_grad[0]:
-        return None, None, None
+    logits, labels = saved  # autograd calls this only when logits (the one differentiable input) needs a gradient
     return torch.ops.cascade_clip.loss_sums_backward(grad, logits, labels, ctx.ignore_pixels), None, None
 
 

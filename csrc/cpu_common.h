@@ -1,5 +1,6 @@
-// What the C++ kernel files share: includes, the multi-versioning macro, the autocast guard, tile constants and
-// argument checks. Everything here is inline or constexpr, so each translation unit may include it.
+// What the C++ kernel files share: includes, the multi-versioning macro, the autocast guard, tile constants, the
+// split-accumulator reductions and argument checks. Everything here is inline or constexpr, so each translation unit
+// may include it.
 
 #pragma once
 
@@ -50,6 +51,54 @@ constexpr int64_t kLanes = 16;
 
 // Minimum tiles per parallel chunk: below ~64K elements a thread wake-up costs more than it saves.
 constexpr int64_t kTileGrain = std::max<int64_t>(1, 65536 / kTile);
+
+// sum_j a[j] * b[j] over n elements with kLanes split accumulators (fixed order: deterministic).
+template <typename A, typename T>
+inline A dot_lanes(const A* a, const T* b, int64_t n) {
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * static_cast<A>(b[j + l]);
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += a[j] * static_cast<A>(b[j]);
+  A total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// sum_j x[j]^2 over n elements, split accumulators as in dot_lanes.
+template <typename A, typename T>
+inline A sumsq_lanes(const T* x, int64_t n) {
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const A v = static_cast<A>(x[j + l]);
+      lanes[l] += v * v;
+    }
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) {
+    const A v = static_cast<A>(x[j]);
+    lanes[l] += v * v;
+  }
+  A total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// sum_j v[j] over n elements, split accumulators as in dot_lanes.
+template <typename A>
+inline A sum_lanes(const A* v, int64_t n) {
+  A lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += v[j + l];
+  }
+  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += v[j];
+  A total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
 
 inline at::ScalarType compute_dtype(std::initializer_list<at::Tensor> ts) {
   for (const auto& t : ts) {

@@ -98,21 +98,6 @@ inline Sigmoid<A> sigmoid_parts(A x) {
   return out;
 }
 
-// sum_j v[j] over n elements with kLanes split accumulators (fixed order: deterministic, and vectorisable without
-// -ffast-math).
-template <typename A>
-inline A sum_lanes(const A* v, int64_t n) {
-  A lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += v[j + l];
-  }
-  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += v[j];
-  A total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
 // x[0:len] in the accumulation type: the pointer itself when T is A, else widened into buf (float16/bfloat16 convert
 // through calls the vectoriser cannot see through, so the transcendental loops below read float32).
 template <typename T, typename A>

@@ -27,40 +27,6 @@ namespace cascade_clip {
 namespace {
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
-// sum_j a[j] * b[j] over n elements with kLanes split accumulators (fixed order: deterministic).
-template <typename A, typename T>
-inline A dot_lanes(const A* a, const T* b, int64_t n) {
-  A lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * static_cast<A>(b[j + l]);
-  }
-  for (int64_t l = 0; j < n; ++j, ++l) lanes[l] += a[j] * static_cast<A>(b[j]);
-  A total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
-// sum_j x[j]^2 over n elements, split accumulators as in dot_lanes.
-template <typename A, typename T>
-inline A sumsq_lanes(const T* x, int64_t n) {
-  A lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const A v = static_cast<A>(x[j + l]);
-      lanes[l] += v * v;
-    }
-  }
-  for (int64_t l = 0; j < n; ++j, ++l) {
-    const A v = static_cast<A>(x[j]);
-    lanes[l] += v * v;
-  }
-  A total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
 template <typename A>
 inline A inv_norm(A sumsq) {
   return A(1) / std::max(std::sqrt(sumsq), static_cast<A>(kNormEps));
