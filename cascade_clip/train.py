@@ -230,6 +230,14 @@ def run(cfg: Config, *, resume: Optional[str] = None, load_from: Optional[str] =
                 "cannot learn; set model.clip_pretrained=FILE or an open_clip tag (e.g. ViT-B-16.pt, openai)",
                 stacklevel=2,
             )
+        if state is None and not load_from and cfg.train.transductive:
+            # the pseudo-labels of unseen pixels are the model's own argmax: from an untrained head they are noise
+            warnings.warn(
+                "train.transductive=true without --load-from: self-training labels unseen pixels with the model's own "
+                "predictions, and this run starts from an untrained head; the paper starts it from an inductive "
+                "checkpoint (--load-from INDUCTIVE_WORK_DIR/latest.pt)",
+                stacklevel=2,
+            )
 
         # Same init on every rank (DDP also broadcasts rank 0's weights); then per-rank seeds for dropout. On resume
         # the checkpoint holds every weight: the CLIP file is not read again (it may have moved since).

@@ -378,7 +378,10 @@ def test_load_from_transductive_and_eval(data_root, tmp_path):
     st = str(tmp_path / "st")
     st_overrides = tiny_overrides(data_root, st, iters=2) + ["train.transductive=true", "model.seen_calibration=0.0",
                                                               "train.eval_at_end=true"]
-    result = train.main(["--config", "voc", "--load-from", ckpt, *sum((["--set", o] for o in st_overrides), [])])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train.main(["--config", "voc", "--load-from", ckpt, *sum((["--set", o] for o in st_overrides), [])])
+    assert not [w for w in caught if "without --load-from" in str(w.message)]
     assert all(np.isfinite(loss) for _, loss in result["losses"])
     assert result["metrics"]["mIoU"] is not None
     raw = torch.load(os.path.join(st, "latest.pt"), weights_only=False)
@@ -403,6 +406,14 @@ def test_load_from_transductive_and_eval(data_root, tmp_path):
     with Image.open(preds / names[0]) as png, Image.open(os.path.join(data_root, "VOCdevkit/VOC2012/JPEGImages/val_00000.jpg")) as img:
         assert png.mode == "P" and png.size == img.size  # original resolution
         assert np.asarray(png).max() < len(SPEC.class_names)
+
+
+def test_self_training_without_an_inductive_start_warns(data_root, tmp_path):
+    """Pseudo-labels from an untrained head are noise: the -st stage is meant to start from --load-from."""
+    overrides = tiny_overrides(data_root, str(tmp_path / "st"), iters=1) + ["train.transductive=true",
+                                                                             "model.seen_calibration=0.0"]
+    with pytest.warns(UserWarning, match=r"train.transductive=true without --load-from"):
+        train.main(["--config", "voc", *sum((["--set", o] for o in overrides), [])])
 
 
 def test_eval_settings_default_to_the_checkpoints():
