@@ -155,6 +155,11 @@ def make_step(op: str, provider: str, mode: str, dtype: torch.dtype = torch.floa
         inputs, grads = official_layout(case, requires_grad=(mode == "fwd+bwd"))
     else:
         inputs, grads = case.inputs, [case.grad]
+    def clear_grads():
+        for t in inputs:
+            if t.is_floating_point():
+                t.grad = None
+
     if mode == "fwd":
 
         def step():
@@ -164,14 +169,15 @@ def make_step(op: str, provider: str, mode: str, dtype: torch.dtype = torch.floa
     elif mode == "fwd+bwd":
 
         def step():
-            for t in inputs:
-                if t.is_floating_point():
-                    t.grad = None
+            clear_grads()
             out = fn(*inputs)
             torch.autograd.backward(out if isinstance(out, list) else [out], grads)
 
     else:
         raise ValueError(f"unknown mode {mode!r}")
+    # the memory passes call this first, so that a step's peak counts the gradients it returns (a timed step frees the
+    # previous step's gradients as it starts, which would offset them)
+    step.clear_grads = clear_grads
     return step
 
 

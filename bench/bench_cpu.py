@@ -11,9 +11,13 @@ cpp/eager and cpp/compile speedups is printed for ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import warnings
 
@@ -29,7 +33,7 @@ from cascade_clip.info import cpu_name  # noqa: E402
 
 FIELDS = [
     "date", "git_commit", "cpu", "threads", "torch", "op", "provider", "mode", "shape", "dtype",
-    "median_ms", "iqr_ms", "p20_ms", "p80_ms", "runs", "peak_mem_mb", "load_avg",
+    "median_ms", "iqr_ms", "p20_ms", "p80_ms", "runs", "peak_mem_mb", "load_avg", "peak_rss_mb",
 ]
 
 
@@ -46,6 +50,70 @@ def peak_memory_mb(step) -> float:
         current += e.self_cpu_memory_usage
         peak = max(peak, current)
     return peak / 2**20
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+# glibc reads this at start-up: every block of 128 KiB or more then gets a mapping of its own, returned to the kernel
+# when freed. It also turns off glibc's dynamic threshold, which rises to the largest block freed so far (up to 32
+# MiB) and serves later blocks from a heap whose fragments can count one freed-and-reallocated tensor twice.
+PRIVATE_MAPPINGS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def peak_resident_mb(step) -> float:
+    """Peak resident memory one ``step()`` adds to the process (MB), NaN where Linux's counters are missing.
+
+    Unlike :func:`peak_memory_mb` this is a true peak: it sees memory an op allocates and frees inside itself and the
+    compiled graphs' buffers. Exact in a process started with :data:`PRIVATE_MAPPINGS_ENV`, where each tensor of
+    128 KiB or more has pages of its own (``malloc_trim`` returns what the small-block heap keeps): writing 5 to
+    ``/proc/self/clear_refs`` resets the high-water mark ``VmHWM``, which the step then raises by its peak above the
+    resident size before it."""
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+        step()
+        return (_status_kb("VmHWM") - before) * 1024 / 2**20
+    except (OSError, AttributeError):  # not Linux/glibc, or /proc not writable
+        return float("nan")
+
+
+def memory_pass(cases) -> None:
+    """Child-process side of :func:`measure_memory`: one JSON line ``[op, provider, mode, profiler MB, resident MB]``
+    per case, each step built afresh and warmed up, its gradients cleared before each pass."""
+    for op, provider, mode in cases:
+        step = common.make_step(op, provider, mode)
+        step()
+        step()  # compiles, first-call caches
+        step.clear_grads()
+        allocated = peak_memory_mb(step)
+        step.clear_grads()
+        resident = peak_resident_mb(step)
+        print(json.dumps([op, provider, mode, allocated, resident]), flush=True)
+
+
+def measure_memory(cases) -> dict:
+    """``{(op, provider, mode): (profiler MB, resident MB)}``, measured in a child process started with
+    :data:`PRIVATE_MAPPINGS_ENV` (the allocator setting would change the timed steps' page faults in this one)."""
+    env = dict(os.environ, **PRIVATE_MAPPINGS_ENV)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-pass", json.dumps(cases)], env=env,
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the memory pass failed (exit status {result.returncode}):\n{result.stderr[-4000:]}")
+    measured = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("["):
+            op, provider, mode, allocated, resident = json.loads(line)
+            measured[op, provider, mode] = (allocated, resident)
+    return measured
 
 
 def measure_interleaved(steps: dict, min_run_time: float, rounds: int) -> dict:
@@ -77,8 +145,12 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(common.MODES))
     parser.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per provider")
     parser.add_argument("--rounds", type=int, default=5, help="turns the providers take (see measure_interleaved)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the profiler pass that measures peak memory")
+    parser.add_argument("--no-memory", action="store_true", help="skip the two passes that measure peak memory")
+    parser.add_argument("--memory-pass", metavar="CASES", help=argparse.SUPPRESS)  # the child of measure_memory
     args = parser.parse_args(argv)
+    if args.memory_pass:
+        memory_pass(json.loads(args.memory_pass))
+        return 0
 
     providers = [p for p in args.providers.split(",") if p in common.available_providers()]
     meta = {
@@ -95,16 +167,20 @@ def main(argv=None) -> int:
         for mode in args.modes.split(","):
             steps = {provider: common.make_step(op, provider, mode) for provider in providers}
             measured = measure_interleaved(steps, args.min_run_time, args.rounds)
-            for provider, step in steps.items():
+            for provider in steps:
                 median, iqr, p20, p80, runs = measured[provider]
-                mem = float("nan") if args.no_memory else peak_memory_mb(step)
-                row = dict(meta, op=op, provider=provider, mode=mode, shape=shape, dtype="float32",
-                           median_ms=f"{median * 1e3:.4f}", iqr_ms=f"{iqr * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}",
-                           p80_ms=f"{p80 * 1e3:.4f}", runs=runs, peak_mem_mb=f"{mem:.1f}",
-                           load_avg=f"{os.getloadavg()[0]:.2f}")
-                rows.append(row)
-                print(f"{op:12s} {mode:8s} {provider:10s} {median * 1e3:9.3f} ms  IQR {iqr * 1e3:7.3f}  "
-                      f"peak {mem:7.1f} MB", flush=True)
+                rows.append(dict(meta, op=op, provider=provider, mode=mode, shape=shape, dtype="float32",
+                                 median_ms=f"{median * 1e3:.4f}", iqr_ms=f"{iqr * 1e3:.4f}", p20_ms=f"{p20 * 1e3:.4f}",
+                                 p80_ms=f"{p80 * 1e3:.4f}", runs=runs, load_avg=f"{os.getloadavg()[0]:.2f}"))
+                print(f"{op:12s} {mode:8s} {provider:10s} {median * 1e3:9.3f} ms  IQR {iqr * 1e3:7.3f}", flush=True)
+
+    nan = (float("nan"), float("nan"))
+    memory = {} if args.no_memory else measure_memory([[r["op"], r["provider"], r["mode"]] for r in rows])
+    for row in rows:
+        mem, rss = memory.get((row["op"], row["provider"], row["mode"]), nan)
+        row.update(peak_mem_mb=f"{mem:.1f}", peak_rss_mb=f"{rss:.1f}")
+        print(f"{row['op']:12s} {row['mode']:8s} {row['provider']:10s} peak {mem:7.1f} MB allocated (profiler), "
+              f"{rss:7.1f} MB resident", flush=True)
 
     try:  # append: old rows are kept; a file with other columns is refused, never rewritten to a new schema
         append_rows(args.out, FIELDS, rows)

@@ -1,6 +1,7 @@
 """The whole-model benchmarks run and append rows (tiny CPU smoke runs; no timing asserted)."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -388,3 +389,64 @@ def test_cpu_bench_official_layout_computes_the_op():
             regrouped = [torch.stack(leaf_grads[:S]), torch.stack(leaf_grads[S:])]
         for got_grad, stacked in zip(regrouped, case.inputs):
             torch.testing.assert_close(got_grad, stacked.grad, rtol=1e-4, atol=1e-4, msg=op)
+
+
+_RESIDENT_PROBE = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import torch
+from bench_cpu import peak_resident_mb
+import bench_common_cpu as common
+
+MIB = 2**20 // 4  # float32 elements per MiB
+
+def one_block():
+    x = torch.ones(64 * MIB); del x
+
+def one_after_another():  # freed before the next: the peak is one block, not two
+    a = torch.ones(32 * MIB); del a
+    b = torch.ones(16 * MIB); c = torch.ones(16 * MIB); del b, c
+    d = torch.ones(32 * MIB); del d
+
+def nothing():
+    pass
+
+for _ in range(2):  # free blocks of every size behind, as earlier benchmark steps leave them
+    one_block(); one_after_another()
+step = common.make_step("nga", "cpp", "fwd+bwd")
+step(); step()
+step.clear_grads()
+feats = common.make_case("nga").inputs[0]
+print(json.dumps(dict(one_block=peak_resident_mb(one_block), one_after_another=peak_resident_mb(one_after_another),
+                      nothing=peak_resident_mb(nothing), nga_step=peak_resident_mb(step),
+                      nga_tap_grads=feats.numel() * 4 / 2**20)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_cpu_bench_resident_peak_is_the_peak_of_live_memory():
+    """bench_cpu's resident-memory pass, in a process started as its memory pass is: a step's peak of live tensors
+    (one block freed before the next counts once), nothing for an empty step, and a backward step's gradients."""
+    bench_cpu = _bench_module("bench_cpu")
+    env = dict(os.environ, **bench_cpu.PRIVATE_MAPPINGS_ENV)
+    probe = _RESIDENT_PROBE.format(bench=os.path.join(ROOT, "bench"))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    # resolution about 0.5 MiB: pages the interpreter itself frees or touches during a step count too
+    assert 63.5 <= got["one_block"] < 65.5
+    assert 31.5 <= got["one_after_another"] < 33.5
+    assert abs(got["nothing"]) < 0.5
+    # the returned gradient of the taps (24 MiB) and the output-sized buffers the backward needs
+    assert got["nga_tap_grads"] - 0.5 <= got["nga_step"] < got["nga_tap_grads"] + 16
+
+
+def test_cpu_bench_memory_pass_fills_both_columns(tmp_path):
+    """bench_cpu end to end on the cheapest op: every row gets both peak-memory columns from its child process."""
+    out = tmp_path / "cpu.csv"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_cpu.py"), "--ops", "descriptor", "--modes",
+                    "fwd+bwd", "--providers", "reference,cpp", "--min-run-time", "0.05", "--rounds", "1", "--out",
+                    str(out)], capture_output=True, text=True, check=True)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["provider"] for r in rows] == ["reference", "cpp"]
+    for r in rows:  # the gradients of weight (S, e, 2d) alone are 6 MiB
+        assert float(r["peak_mem_mb"]) >= 6 and float(r["peak_rss_mb"]) >= 6, r
