@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         clip_name, image_size, dim = "ViT-B-16", 224, 512
     data_root = os.path.join(args.out, "data")
     write_voc_layout(data_root, spec)
-    write_class_embeddings(os.path.join(data_root, "class_embeddings.npy"), len(spec.class_names), dim=dim)
+    write_class_embeddings(os.path.join(data_root, "class_embeddings.npy"), spec.class_names, dim=dim)
     weights = write_openai_format_clip(os.path.join(args.out, f"{clip_name}-openai-format.pt"), clip_name, image_size)
 
     work_dir = os.path.join(args.out, "train")

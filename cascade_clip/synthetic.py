@@ -1,8 +1,12 @@
 """A procedural segmentation dataset written to disk in the VOC layout: no download, any size, reproducible.
 
-Each image is a noisy textured background (label 0, "background", which ``reduce_zero_label`` turns into ignore, as in
-VOC) with a few shapes (disks, rectangles, triangles). Every class has its own colour family and texture (stripes,
-checks, dots, ...), so a segmentor can tell the classes apart; masks are palette PNGs of class indices (1..K, 0 for
+Each image is a noisy background (label 0, "background", which ``reduce_zero_label`` turns into ignore, as in
+VOC) with a few shapes (disks, rectangles, triangles). A class is a combination of two attributes, a shade and a hue,
+as its name says ("dark red", "light green", ...): shapes are filled with that colour plus noise and a per-shape tint.
+The unseen classes ("dark green", "light blue") combine attributes that seen classes carry ("dark red", "light
+green", "light red", "dark blue"), so with class embeddings that are built from the same attributes, as
+:func:`cascade_clip.quickstart.write_class_embeddings` builds them, what a model learns on the seen classes transfers to
+the unseen ones: zero-shot segmentation in miniature. Masks are palette PNGs of class indices (1..K, 0 for
 background) like VOC's ``SegmentationClass``. ``write_voc_layout(root)`` creates::
 
     root/VOCdevkit/VOC2012/JPEGImages/*.jpg
@@ -21,17 +25,20 @@ from typing import List, Tuple
 import numpy as np
 from PIL import Image
 
-CLASS_NAMES = ("sun", "leaf", "brick", "water", "sand", "cloud")
+_HUES = {"red": (220, 50, 40), "green": (40, 170, 60), "blue": (50, 80, 220)}
+# (shade, hue) per class; every attribute of the two unseen classes (the last two) is carried by a seen class
+_CLASSES = (("dark", "red"), ("light", "green"), ("dark", "blue"), ("light", "red"), ("dark", "green"),
+            ("light", "blue"))
+CLASS_NAMES = tuple(f"{shade} {hue}" for shade, hue in _CLASSES)
 SEEN = (0, 1, 2, 3)
-# colour (RGB) and texture per class
-_STYLE = {
-    0: ((230, 60, 40), "solid"),
-    1: ((40, 170, 60), "hstripes"),
-    2: ((60, 80, 220), "checks"),
-    3: ((220, 200, 50), "vstripes"),
-    4: ((200, 60, 200), "dots"),
-    5: ((40, 200, 210), "diagonal"),
-}
+
+
+def class_colour(index: int) -> Tuple[float, float, float]:
+    """RGB fill of class ``index`` (classes past the sixth reuse the colours in turn): half the hue's value for
+    "dark", the hue lifted toward white for "light" (about 100 grey levels apart, far more than the fill's noise)."""
+    shade, hue = _CLASSES[index % len(_CLASSES)]
+    rgb = np.asarray(_HUES[hue], dtype=np.float32)
+    return tuple(rgb * 0.5) if shade == "dark" else tuple(rgb * 0.45 + 140)
 
 
 @dataclass
@@ -65,25 +72,6 @@ def voc_palette(count: int = 256) -> List[List[int]]:
     return palette
 
 
-def _texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    y, x = np.mgrid[0:height, 0:width]
-    period = 6
-    phase = int(rng.integers(period))
-    if kind == "hstripes":
-        pattern = ((y + phase) // 3) % 2
-    elif kind == "vstripes":
-        pattern = ((x + phase) // 3) % 2
-    elif kind == "checks":
-        pattern = (((x + phase) // 4) + ((y + phase) // 4)) % 2
-    elif kind == "dots":
-        pattern = (((x + phase) % period) < 2) & (((y + phase) % period) < 2)
-    elif kind == "diagonal":
-        pattern = ((x + y + phase) // 3) % 2
-    else:
-        pattern = np.zeros((height, width))
-    return pattern.astype(np.float32)
-
-
 def _shape_mask(kind: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
     cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
@@ -106,10 +94,8 @@ def draw_sample(spec: SyntheticSpec, rng: np.random.Generator) -> Tuple[np.ndarr
     count = int(rng.integers(spec.shapes[0], spec.shapes[1] + 1))
     for _ in range(count):
         cls = int(rng.integers(len(spec.class_names)))
-        colour, texture = _STYLE[cls % len(_STYLE)]
         mask = _shape_mask(int(rng.integers(3)), height, width, rng)
-        pattern = _texture(texture, height, width, rng)[..., None]
-        fill = np.asarray(colour, dtype=np.float32) * (0.75 + 0.35 * pattern) + rng.normal(0, 10, size=(height, width, 3))
+        fill = np.asarray(class_colour(cls), dtype=np.float32) + rng.normal(0, 10, size=(height, width, 3))
         fill += rng.uniform(-20, 20, size=3)  # per-instance tint
         image[mask] = fill[mask]
         label[mask] = cls + 1
