@@ -53,3 +53,24 @@ def test_bag_of_words_embeddings_relate_names_that_share_words():
         assert abs(cos[unrelated]) < 0.3, (unrelated, cos[unrelated])
     with pytest.raises(ValueError, match="class name ' ' has no words"):
         quickstart.bag_of_words_embeddings(["dark red", " "])
+
+
+def test_readme_scene_draws_each_class_in_its_colour():
+    """docs/make_quickstart_scene.py (the README's zero-shot picture): every shape's centre has its class's colour."""
+    import importlib.util
+
+    from cascade_clip.synthetic import CLASS_NAMES, class_colour
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "make_quickstart_scene.py")
+    spec = importlib.util.spec_from_file_location("make_quickstart_scene", path)
+    scene_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scene_module)
+    image = np.asarray(scene_module.draw_scene(), dtype=np.float64)
+    height, width = image.shape[:2]
+    assert (width, height) == (scene_module.WIDTH, scene_module.HEIGHT)
+    cell = width // 3
+    for index in range(len(CLASS_NAMES)):
+        row, col = divmod(index, 3)
+        cy, cx = row * (height // 2) + height // 4, col * cell + cell // 2
+        centre = image[cy - 5:cy + 5, cx - 5:cx + 5].reshape(-1, 3).mean(axis=0)  # the fill's noise averages out
+        np.testing.assert_allclose(centre, class_colour(index), atol=8, err_msg=CLASS_NAMES[index])

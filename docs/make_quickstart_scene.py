@@ -1,0 +1,59 @@
+"""A scene for the README's zero-shot example: one shape of each of ``make run``'s six classes on a noisy background.
+
+    make run                                               # trains work_dirs/quickstart/train/latest.pt (~20 s, CPU)
+    python docs/make_quickstart_scene.py --out /tmp/qs/scene.png
+    cascade-clip predict --checkpoint work_dirs/quickstart/train/latest.pt --classes "dark red,light green,..." \
+        /tmp/qs/scene.png --out /tmp/qs/seg --short-side 128
+
+The shapes use the colours of :mod:`cascade_clip.synthetic` (a shade and a hue per class), drawn larger than the
+training images show them, in a fixed layout: top row dark red, light green, dark blue; bottom row light red, then
+the two unseen classes, dark green and light blue.
+"""
+
+import argparse
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cascade_clip.synthetic import CLASS_NAMES, class_colour
+
+WIDTH, HEIGHT = 288, 192
+
+
+def draw_scene(seed: int = 0) -> Image.Image:
+    """The scene as an RGB image: each class's shape filled with its colour plus the training data's noise."""
+    rng = np.random.default_rng(seed)
+    background = rng.uniform(90, 160, size=3) + rng.normal(0, 18, size=(HEIGHT, WIDTH, 3))
+    image = background.copy()
+    cell = WIDTH // 3
+    for index in range(len(CLASS_NAMES)):
+        row, col = divmod(index, 3)
+        x0, y0 = col * cell + 12, row * (HEIGHT // 2) + 12
+        x1, y1 = x0 + cell - 24, y0 + HEIGHT // 2 - 24
+        mask_image = Image.new("L", (WIDTH, HEIGHT), 0)
+        draw = ImageDraw.Draw(mask_image)
+        if index % 3 == 0:
+            draw.ellipse([x0, y0, x1, y1], fill=255)
+        elif index % 3 == 1:
+            draw.rectangle([x0 + 6, y0 + 6, x1 - 6, y1 - 6], fill=255)
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=255)
+        mask = np.asarray(mask_image) > 0
+        fill = np.asarray(class_colour(index), dtype=np.float64) + rng.normal(0, 10, size=(HEIGHT, WIDTH, 3))
+        image[mask] = fill[mask]
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    draw_scene(args.seed).save(args.out)
+    print(f"wrote {args.out} ({WIDTH}x{HEIGHT}; classes {', '.join(CLASS_NAMES)})")
+
+
+if __name__ == "__main__":
+    main()
