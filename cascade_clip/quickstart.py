@@ -116,14 +116,17 @@ def main(argv=None) -> dict:
 
     result = run(cfg, resume=None)
     before, after = result["metrics_before"], result["metrics"]
-    def pct(metrics, key):  # None where a split has no class with pixels (e.g. every class set seen)
-        return "n/a" if metrics[key] is None else f"{metrics[key]:.2f}"
+
+    def pct(metrics, key):
+        if metrics is None:  # that evaluation was switched off (train.eval_at_start / eval_at_end)
+            return "-"
+        return "n/a" if metrics[key] is None else f"{metrics[key]:.2f}"  # None: a split without classes with pixels
 
     print(f"\nseen mIoU before training: {pct(before, 'mIoU_seen')}   after {cfg.train.iters} iterations: "
           f"{pct(after, 'mIoU_seen')}   (mIoU {pct(before, 'mIoU')} -> {pct(after, 'mIoU')}, "
           f"aAcc {pct(before, 'aAcc')} -> {pct(after, 'aAcc')})")
-    print(f"unseen mIoU (zero-shot: no unseen pixel is labelled in training) before: {pct(before, 'mIoU_unseen')}   after: "
-          f"{pct(after, 'mIoU_unseen')}   (hIoU {pct(before, 'hIoU')} -> {pct(after, 'hIoU')})")
+    print(f"unseen mIoU (zero-shot: no unseen pixel is labelled in training) before: {pct(before, 'mIoU_unseen')}   "
+          f"after: {pct(after, 'mIoU_unseen')}   (hIoU {pct(before, 'hIoU')} -> {pct(after, 'hIoU')})")
     print(f"checkpoint: {os.path.join(cfg.train.work_dir, 'latest.pt')}   total time {time.perf_counter() - start:.0f} s")
     return result
 

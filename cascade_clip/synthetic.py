@@ -35,7 +35,8 @@ SEEN = (0, 1, 2, 3)
 
 def class_colour(index: int) -> Tuple[float, float, float]:
     """RGB fill of class ``index`` (classes past the sixth reuse the colours in turn): half the hue's value for
-    "dark", the hue lifted toward white for "light" (about 100 grey levels apart, far more than the fill's noise)."""
+    "dark", the hue lifted toward white for "light" (the two shades 129-138 levels apart in every channel, far more
+    than the fill's noise, 10, and per-shape tint, 20)."""
     shade, hue = _CLASSES[index % len(_CLASSES)]
     rgb = np.asarray(_HUES[hue], dtype=np.float32)
     return tuple(rgb * 0.5) if shade == "dark" else tuple(rgb * 0.45 + 140)

@@ -1,9 +1,13 @@
 """A scene for the README's zero-shot example: one shape of each of ``make run``'s six classes on a noisy background.
 
-    make run                                               # trains work_dirs/quickstart/train/latest.pt (~20 s, CPU)
+    make run          # trains work_dirs/quickstart/train/latest.pt (15-19 s on a 2-core CPU)
     python docs/make_quickstart_scene.py --out /tmp/qs/scene.png
-    cascade-clip predict --checkpoint work_dirs/quickstart/train/latest.pt --classes "dark red,light green,..." \
-        /tmp/qs/scene.png --out /tmp/qs/seg --short-side 128
+    cascade-clip predict --checkpoint work_dirs/quickstart/train/latest.pt \
+        --classes "dark red,light green,dark blue,light red,dark green,light blue" /tmp/qs/scene.png \
+        --out /tmp/qs/seg --short-side 128
+
+(The checkpoint embeds exactly these six names, with the class embeddings stored in it: other names would need the
+text tower of its random-weight CLIP.)
 
 The shapes use the colours of :mod:`cascade_clip.synthetic` (a shade and a hue per class), drawn larger than the
 training images show them, in a fixed layout: top row dark red, light green, dark blue; bottom row light red, then
@@ -21,16 +25,26 @@ from cascade_clip.synthetic import CLASS_NAMES, class_colour
 WIDTH, HEIGHT = 288, 192
 
 
+def _cells():
+    """Per class, its shape's box (x0, y0, x1, y1): a 3 x 2 grid, classes in order, row by row."""
+    cell_w, cell_h = WIDTH // 3, HEIGHT // 2
+    for index in range(len(CLASS_NAMES)):
+        row, col = divmod(index, 3)
+        x0, y0 = col * cell_w + 12, row * cell_h + 12
+        yield x0, y0, x0 + cell_w - 24, y0 + cell_h - 24
+
+
+def shape_centres():
+    """(row, column) of each class's shape centre, in class order."""
+    return [((y0 + y1) // 2, (x0 + x1) // 2) for x0, y0, x1, y1 in _cells()]
+
+
 def draw_scene(seed: int = 0) -> Image.Image:
     """The scene as an RGB image: each class's shape filled with its colour plus the training data's noise."""
     rng = np.random.default_rng(seed)
     background = rng.uniform(90, 160, size=3) + rng.normal(0, 18, size=(HEIGHT, WIDTH, 3))
     image = background.copy()
-    cell = WIDTH // 3
-    for index in range(len(CLASS_NAMES)):
-        row, col = divmod(index, 3)
-        x0, y0 = col * cell + 12, row * (HEIGHT // 2) + 12
-        x1, y1 = x0 + cell - 24, y0 + HEIGHT // 2 - 24
+    for index, (x0, y0, x1, y1) in enumerate(_cells()):
         mask_image = Image.new("L", (WIDTH, HEIGHT), 0)
         draw = ImageDraw.Draw(mask_image)
         if index % 3 == 0:
