@@ -56,9 +56,11 @@ def test_make_run_learns_the_seen_classes_and_transfers_to_the_unseen_ones(tmp_p
 
     result = quickstart.main(["--work-dir", str(tmp_path)])
     before, after = result["metrics_before"], result["metrics"]
-    assert before["mIoU_seen"] < 10 and before["mIoU_unseen"] < 25
-    assert after["mIoU_seen"] > 60
-    assert after["mIoU_unseen"] > 45 and after["hIoU"] > 50
+    # bounds below what training seeds 0-3 gave (before: seen 0, unseen 10-27; after: seen 64-76, unseen 53-67, hIoU
+    # 58-71), so that another machine's round-off cannot fail it while a job that stops transferring does
+    assert before["mIoU_seen"] < 10 and before["mIoU_unseen"] < 30
+    assert after["mIoU_seen"] > 55
+    assert after["mIoU_unseen"] > 40 and after["hIoU"] > 45
 
     scene = _load_docs_script("make_quickstart_scene")
     segmenter = Segmenter.from_checkpoint(str(tmp_path / "train" / "latest.pt"), classes=list(CLASS_NAMES),
