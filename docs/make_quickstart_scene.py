@@ -1,6 +1,6 @@
 """A scene for the README's zero-shot example: one shape of each of ``make run``'s six classes on a noisy background.
 
-    make run          # trains work_dirs/quickstart/train/latest.pt (15-19 s on a 2-core CPU)
+    make run          # trains work_dirs/quickstart/train/latest.pt (its inductive stage; ~24 s in all on 2 cores)
     python docs/make_quickstart_scene.py --out /tmp/qs/scene.png
     cascade-clip predict --checkpoint work_dirs/quickstart/train/latest.pt \
         --classes "dark red,light green,dark blue,light red,dark green,light blue" /tmp/qs/scene.png \
