@@ -12,6 +12,8 @@ DEBUG_VARIABLE = "CASCADE_CLIP_DEBUG"
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
+    "quickstart": ("cascade_clip.quickstart", "make run's job: a tiny model trained and evaluated on a synthetic "
+                   "dataset, inductive then transductive (CPU, ~25 s, nothing downloaded)"),
     "demo": ("cascade_clip.demo", "forward, loss and sliding-window inference of a tiny model on synthetic data"),
     "info": ("cascade_clip.info", "versions, the C++ extension and the available ops backends"),
     "train": ("cascade_clip.train", "train a model (official recipe; torchrun for several GPUs)"),

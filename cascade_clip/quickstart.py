@@ -95,8 +95,9 @@ def quickstart_overrides(data_root: str, work_dir: str, iters: int, spec: Synthe
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", default=os.path.join("work_dirs", "quickstart"))
+    parser = argparse.ArgumentParser(prog="cascade-clip quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", default=os.path.join("work_dirs", "quickstart"),
+                        help="where the dataset and both stages' checkpoints go")
     parser.add_argument("--iters", type=int, default=300, help="iterations of the inductive stage")
     parser.add_argument("--st-iters", type=int, default=150,
                         help="iterations of the transductive (self-training) stage that follows; 0 skips it")
