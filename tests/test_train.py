@@ -408,6 +408,26 @@ def test_load_from_transductive_and_eval(data_root, tmp_path):
         assert np.asarray(png).max() < len(SPEC.class_names)
 
 
+def test_transductive_resume_equals_uninterrupted(data_root, tmp_path):
+    """A self-training run resumed from its iteration-2 checkpoint ends with the uninterrupted run's weights: the
+    pseudo-labels come from the resumed model and RNG state, as they did in the run that wrote the checkpoint."""
+    inductive = str(tmp_path / "inductive")
+    train.main(["--config", "voc", *sum((["--set", o] for o in tiny_overrides(data_root, inductive, iters=2)), [])])
+
+    def st_args(work):
+        overrides = tiny_overrides(data_root, work, iters=4) + ["train.transductive=true", "model.seen_calibration=0.0"]
+        return ["--config", "voc", *sum((["--set", o] for o in overrides), [])]
+
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    train.main(st_args(whole) + ["--load-from", os.path.join(inductive, "latest.pt")])
+    result = train.main(st_args(resumed) + ["--resume", os.path.join(whole, "iter_2.pt")])
+    assert result["iteration"] == 4
+    a, b = _weights(os.path.join(whole, "latest.pt")), _weights(os.path.join(resumed, "latest.pt"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_self_training_without_an_inductive_start_warns(data_root, tmp_path):
     """Pseudo-labels from an untrained head are noise: the -st stage is meant to start from --load-from."""
     overrides = tiny_overrides(data_root, str(tmp_path / "st"), iters=1) + ["train.transductive=true",
