@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--kernels", default="auto", choices=("auto", "triton", "cpp", "reference"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.st_iters < 0:
+        parser.error(f"--st-iters must be >= 0 (0 skips the transductive stage), got {args.st_iters}")
 
     start = time.perf_counter()
     spec = SyntheticSpec()

@@ -48,6 +48,12 @@ def test_quickstart_without_the_first_evaluation(tmp_path, capsys):
     assert re.search(r"unseen mIoU .* before: -   after: \d+\.\d\d", out)
 
 
+def test_quickstart_refuses_a_negative_stage_length(capsys):
+    with pytest.raises(SystemExit):
+        quickstart.main(["--st-iters", "-1"])
+    assert "--st-iters must be >= 0 (0 skips the transductive stage), got -1" in capsys.readouterr().err
+
+
 def _load_docs_script(name):
     import importlib.util
 
