@@ -9,6 +9,8 @@ and "dark red" are. It evaluates before and after training: seen mIoU must rise,
 single unseen pixel in training, because the unseen classes are new combinations of words the seen ones carry.
 A shorter transductive stage follows (the paper's self-training, as the ``-st`` presets run it: from the inductive
 checkpoint, pseudo-labels for unseen pixels, no calibration; ``--st-iters 0`` skips it), and the metrics after it.
+Unlike the paper's runs it keeps the first stage's batch size (the ``-st`` presets double it) and starts from the
+first stage's last checkpoint (the paper's from the one halfway through the inductive schedule).
 """
 
 from __future__ import annotations
@@ -127,12 +129,16 @@ def main(argv=None) -> dict:
     result["metrics_transductive"] = None
     if args.st_iters > 0:
         # the paper's second stage, as the -st presets run it: started from the inductive weights (--load-from), every
-        # class's text row, the model's own argmax as the label of unseen pixels, no seen-class calibration
-        print(f"\n--- transductive stage: {args.st_iters} iterations of self-training from {checkpoint} ---")
-        st_cfg = resolve("voc", quickstart_overrides(data_root, os.path.join(args.work_dir, "train-st"), args.st_iters,
-                                                     spec)
-                         + ["train.transductive=true", "model.seen_calibration=0.0", "train.eval_at_start=false"]
-                         + shared)
+        # class's text row, the model's own argmax as the label of unseen pixels, no seen-class calibration. These
+        # settings come after the user's --set (which reach both stages), so none of them can be undone by accident;
+        # the stage's length and folder neither, so its checkpoint cannot land on the first stage's
+        st_dir = os.path.join(args.work_dir, "train-st")
+        st_overrides = quickstart_overrides(data_root, st_dir, args.st_iters, spec) + shared + [
+            "train.transductive=true", "model.seen_calibration=0.0", "train.eval_at_start=false",
+            f"train.work_dir={st_dir}", f"train.iters={args.st_iters}", f"train.checkpoint_interval={args.st_iters}",
+        ]
+        st_cfg = resolve("voc", st_overrides)
+        print(f"\n--- transductive stage: {st_cfg.train.iters} iterations of self-training from {checkpoint} ---")
         result["metrics_transductive"] = run(st_cfg, resume=None, load_from=checkpoint)["metrics"]
         checkpoint = os.path.join(st_cfg.train.work_dir, "latest.pt")
 
@@ -148,7 +154,7 @@ def main(argv=None) -> dict:
           f"after: {pct(after, 'mIoU_unseen')}   (hIoU {pct(before, 'hIoU')} -> {pct(after, 'hIoU')})")
     st = result["metrics_transductive"]
     if args.st_iters > 0:
-        print(f"after {args.st_iters} more iterations of transductive self-training (pseudo-labels for unseen pixels): "
+        print(f"after {st_cfg.train.iters} more iterations of transductive self-training (pseudo-labels for unseen pixels): "
               f"seen mIoU {pct(st, 'mIoU_seen')}   unseen mIoU {pct(st, 'mIoU_unseen')}   hIoU {pct(st, 'hIoU')}")
     print(f"checkpoint: {checkpoint}   total time {time.perf_counter() - start:.0f} s")
     return result
