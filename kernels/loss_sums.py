@@ -49,13 +49,24 @@ _MAX_BLOCK = 2048
 
 
 @triton.jit
-def _log1p_exp_neg_abs(x):
-    """``log(1 + exp(-|x|))`` without losing the small values: Goldberg's ``log1p`` (``libdevice.log1p`` does not run
-    under the CPU interpreter), ``log(w) * u / (w - 1)`` with ``w = 1 + u``, exact to a few ulps."""
-    u = tl.exp(-tl.abs(x))
+def _log1p(u):
+    """``log(1 + u)`` for ``0 <= u <= 1`` without losing the small values: Goldberg's ``log1p``
+    (``libdevice.log1p`` does not run under the CPU interpreter), ``log(w) * u / (w - 1)`` with ``w = 1 + u``, exact to
+    a few ulps."""
     w = 1.0 + u
     rounded_away = w == 1.0  # u below half an ulp of 1: log1p(u) = u to float32 precision
     return tl.where(rounded_away, u, tl.log(w) * (u / tl.where(rounded_away, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _sigmoid_pair(x, u):
+    """``p = sigmoid(x)`` and ``q = 1 - p = sigmoid(-x)`` from ``u = exp(-|x|)``, the exponential the BCE's tail
+    needs anyway: ``1 / (1 + u)`` and ``u / (1 + u)``, each to float32's relative precision. ``1 - p`` would lose
+    q's (a confident target's focal weight ``q^2`` and gradient are all round-off from |x| ~ 3, 0 from |x| ~ 17)."""
+    r = 1.0 / (1.0 + u)
+    ur = u * r
+    nonneg = x >= 0  # False for NaN, whose u and r are NaN either way
+    return tl.where(nonneg, r, ur), tl.where(nonneg, ur, r)
 
 
 @triton.jit
@@ -98,13 +109,14 @@ def _loss_sums_fwd_kernel(
         x = tl.load(x_base + c * stride_xc + offs, mask=in_image, other=0.0).to(tl.float32)
         is_target = labels == c32  # padded lanes hold 255: never a target
         t = is_target.to(tl.float32)
-        p = tl.sigmoid(x)
+        u = tl.exp(-tl.abs(x))
+        p, q = _sigmoid_pair(x, u)
         # BCE with logits from the reference's terms, (1 - t) x - log sigmoid(x) with log sigmoid(x) = min(x, 0) -
         # log(1 + exp(-|x|)), in another order: (1 - t) x - min(x, 0) is exact for finite x, so the tail added last
         # keeps a confident pixel's small BCE (the reference rounds it to 0 for |x| >= 17), and +-inf gives the
         # reference's inf and NaN
-        bce = ((1.0 - t) * x - tl.minimum(x, 0.0)) + _log1p_exp_neg_abs(x)
-        one_minus_pt = tl.where(is_target, 1.0 - p, p)
+        bce = ((1.0 - t) * x - tl.minimum(x, 0.0)) + _log1p(u)
+        one_minus_pt = tl.where(is_target, q, p)
         alpha = tl.where(is_target, 0.25, 0.75)
         # dropped pixels are multiplied by 0, as in the reference (a NaN or inf logit there still gives NaN); padded
         # lanes hold x = 0, so they add exact zeros
@@ -143,9 +155,9 @@ def _loss_sums_bwd_kernel(
         g_overlap = tl.load(grad_ptr + (b * C + c) * 4 + 2)
         x = tl.load(x_base + c * stride_xc + offs, mask=in_image, other=0.0).to(tl.float32)
         is_target = labels == c32
-        p = tl.sigmoid(x)
-        q = 1.0 - p
-        softplus_tail = _log1p_exp_neg_abs(x)
+        u = tl.exp(-tl.abs(x))
+        p, q = _sigmoid_pair(x, u)
+        softplus_tail = _log1p(u)
         log_p = tl.minimum(x, 0.0) - softplus_tail  # log sigmoid(x)
         log_q = tl.minimum(-x, 0.0) - softplus_tail  # log sigmoid(-x) = log(1 - p)
         d_focal = tl.where(is_target, 0.25 * q * q * (2.0 * p * log_p - q), 0.75 * p * p * (p - 2.0 * q * log_q))
