@@ -35,7 +35,7 @@ fi
 PIP_PID=$!
 
 # 1. correctness first: the GPU parity tests at real shapes (bf16 dot paths included), bitwise determinism, the
-#    compiled op; then each autotune candidate forced in turn (28 tests, each compiling every candidate: last, so a
+#    compiled op; then each autotune candidate forced in turn (33 tests, each compiling every candidate: last, so a
 #    slow compile costs those and not the parity of the default path)
 step "pytest -m gpu" 130 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST --durations=8 -m gpu -k "not test_every_autotune_config_is_correct" tests/test_ops_triton.py tests/test_ops_loss.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
@@ -55,8 +55,8 @@ else
     tail -n 2 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 fi
 
-# 1c. the small-shape Triton tests (opcheck, compile, odd shapes) on the GPU need about two minutes of compiling: not
-#     here (30 s never reached them in runs 2-3); bench/gpu_recheck.sh runs them with what a session has left.
+# 1c. the small-shape Triton tests (opcheck, compile, odd shapes) on the GPU take minutes of compiling: not here (runs 2
+#     and 3 finished only 24 and 11 of the 181 in their time); bench/gpu_recheck.sh runs them with what is left.
 
 # 2. kernel benchmark at B=8 (the targets). The parity steps above may take 240 s of this script's 320, which leaves
 #    the benchmark about 80 s: the target shapes first, each step's rows appended case by case as they come.

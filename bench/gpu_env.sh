@@ -1,4 +1,5 @@
-# Shared set-up of the GPU scripts (sourced by bench/gpu_check.sh and bench/gpu_train_check.sh, never run alone).
+# Shared set-up of the GPU scripts (sourced by bench/gpu_check.sh, bench/gpu_train_check.sh and bench/gpu_recheck.sh,
+# never run alone).
 #
 # Expects OUT (an existing folder) and LOG (a file under it). Defines REPO, PY, START, log, step, DRY, XDIST; makes
 # open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the machine's

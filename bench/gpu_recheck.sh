@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short second device call after bench/gpu_check.sh: the GPU tests a run's timeouts cut or a kernel change since
 # then touches, a benchmark of the changed ops, and the training pipeline again. Every part is chosen by a variable
-# (defaults: the follow-up of H200 run 3, which changed the cosine mask-logits forward and the data loader):
+# (defaults: what changed after the last recheck, 2026-11-28: the descriptor's backward reductions and the mask
+# logits' row norms, both parity-tested on the CPU only):
 #
 #   CASCADE_CLIP_COMMIT=<sha> GPU_RUN_BUDGET_S=280 bash bench/gpu_recheck.sh OUT_DIR
 #
@@ -22,13 +23,13 @@ LOG="$OUT/gpu_check.log"
 GPU_RUN_FIRST=1 source "$(dirname "$0")/gpu_env.sh"
 export CASCADE_CLIP_RUN_ID="${CASCADE_CLIP_RUN_ID:-$(date -u -d "@$START" +%Y-%m-%dT%H:%M:%SZ)-$(uname -n)}"
 log "benchmark run id $CASCADE_CLIP_RUN_ID"
-RECHECK_K=${RECHECK_K:-"mask_logits or compile_fullgraph or (descriptor_parity_real and 59-1)"}
-RECHECK_OPS=${RECHECK_OPS-mask_logits}
+RECHECK_K=${RECHECK_K:-"descriptor or mask_logits or compile_fullgraph"}
+RECHECK_OPS=${RECHECK_OPS-descriptor,mask_logits}
 RECHECK_CLASSES=${RECHECK_CLASSES:-15,20}
 RECHECK_PIPELINE=${RECHECK_PIPELINE:-1}
 
 # 1. the GPU parity tests named by RECHECK_K
-step "pytest -m gpu -k RECHECK_K" 100 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST --durations=8 -m gpu -k "$RECHECK_K" tests/test_ops_triton.py -p no:cacheprovider
+step "pytest -m gpu -k RECHECK_K" 150 "$OUT/pytest_gpu.log" $PY -m pytest -v -rfE $XDIST --durations=8 -m gpu -k "$RECHECK_K" tests/test_ops_triton.py -p no:cacheprovider
 tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 
 # 2. special values and autocast of every op (whole files)
@@ -38,7 +39,7 @@ tail -n 3 "$OUT/pytest_gpu.log" | tee -a "$LOG"
 # 3. the benchmark of the changed ops (fresh autotune: forget the choices the tests made on a shared GPU)
 find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' -delete 2>/dev/null
 if [ -n "$RECHECK_OPS" ]; then
-    step "bench eager+compile+triton $RECHECK_OPS" 50 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops "$RECHECK_OPS" --providers eager,compile,triton --batches 8 --classes "$RECHECK_CLASSES" --dtypes bf16 --budget-s 40 --rep-ms 50
+    step "bench eager+compile+triton $RECHECK_OPS" 60 "$OUT/bench.log" $PY bench/bench_gpu.py $DRY --out "$OUT" --ops "$RECHECK_OPS" --providers eager,compile,triton --batches 8 --classes "$RECHECK_CLASSES" --dtypes bf16 --budget-s 40 --rep-ms 50
 fi
 
 # 4. the training pipeline (bench/gpu_train_check.sh's step 2)

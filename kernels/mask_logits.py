@@ -3,14 +3,15 @@
 q ``(S, B, C, d)``, k ``(S, B, N, d)``, scale ``(S,)`` -> ``(B, C, N)`` in q's dtype; ``x_hat = x / max(|x|, 1e-12)``
 along ``d`` when ``normalize`` else ``x``.
 
-Forward: one kernel, one ``(BLOCK_C, BLOCK_N)`` output tile per program. The program walks the concatenated
+Forward: one main kernel, one ``(BLOCK_C, BLOCK_N)`` output tile per program. The program walks the concatenated
 ``(S * d)`` axis: for each stage it accumulates ``q[s] @ k[s].T`` over ``d`` in float32, then folds the stage's partial
 product into the output accumulator as ``scale[s] / (|q| |k|) * partial`` - normalising the product instead of the
 operands keeps the tensor-core inputs exactly as stored. No per-stage or per-head logits tensor is ever written.
-When normalising, the row norms come from the small row-norm kernel run first (one more read of q and k). Summing the
-squares of the very tiles the dot loads, the first design, avoided that read but cost more: on an H200 (bf16, B=8,
-C=15, N=1024) the cosine forward took 3.1x the attention forward's time, 0.78x `torch.compile`, since the element-wise
-use of the dot's operand tiles took them out of the pipelined shared-memory path.
+When normalising, the row norms of q and k come from one small row-norm kernel run first (one more read of q and k).
+Summing the squares of the very tiles the dot loads, the first design, avoided that read but cost more: on an H200
+(bf16, B=8, C=15, N=1024) the cosine forward took 3.1x the attention forward's time, 0.78x `torch.compile`, most
+likely because the element-wise use of the dot's operand tiles took them out of the pipelined shared-memory path (not
+profiled); with the separate norms it took 0.77x its old time.
 
 Backward, with ``G = d out`` ``(B, C, N)``, ``P_q = G @ k_hat[s]`` ``(C, d)`` and ``P_k = G.T @ q_hat[s]`` ``(N, d)``:
 
@@ -20,7 +21,7 @@ Backward, with ``G = d out`` ``(B, C, N)``, ``P_q = G @ k_hat[s]`` ``(C, d)`` an
   per-stage logits ``L_s`` recomputed tile by tile in a pre-pass kernel (so every later kernel can work on
   ``d``-slices independently); below the 1e-12 clamp the projection term vanishes, as in ``F.normalize``;
 * ``d scale[s] = sum <q_hat[s], P_q>`` reduced from per-program float32 partials of the dq kernel.
-Row norms for the backward come from a tiny row-norm kernel. Everything is reduced in a fixed order (no atomics).
+Row norms for the backward come from the same row-norm kernel. Everything is reduced in a fixed order (no atomics).
 """
 
 from __future__ import annotations
@@ -125,16 +126,9 @@ def _mask_logits_fwd_kernel(
 
 
 @triton.jit
-def _row_norm_kernel(
-    x_ptr,  # (R, d) contiguous
-    norm_ptr,  # (R,) float32
-    R,
-    D,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+def _row_norm_block(x_ptr, norm_ptr, R, D, block, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """float32 L2 norms of rows ``[block * BLOCK_R, (block + 1) * BLOCK_R)`` of the contiguous ``(R, d)`` x."""
+    offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: block is
     offs_d = tl.arange(0, BLOCK_D)
     mask_r = offs_r < R
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -144,6 +138,27 @@ def _row_norm_kernel(
         x = x.to(tl.float32)
         ss += tl.sum(x * x, axis=1)
     tl.store(norm_ptr + offs_r, tl.sqrt(ss), mask=mask_r)
+
+
+@triton.jit
+def _row_norms_kernel(
+    q_ptr,  # (S, B, C, d) contiguous
+    qn_ptr,  # (S, B, C) float32
+    k_ptr,  # (S, B, N, d) contiguous
+    kn_ptr,  # (S, B, N) float32
+    RQ,
+    RK,
+    D,
+    BLOCKS_Q,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # the rows of q and of k in one launch (the first BLOCKS_Q programs take q's): a launch is a host cost per call
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < BLOCKS_Q:
+        _row_norm_block(q_ptr, qn_ptr, RQ, D, pid, BLOCK_R, BLOCK_D)
+    else:
+        _row_norm_block(k_ptr, kn_ptr, RK, D, pid - BLOCKS_Q, BLOCK_R, BLOCK_D)
 
 
 @triton.jit
@@ -336,15 +351,20 @@ def _check(q, k, scale):
         raise ValueError(f"mask_logits: scale must be (S,) = ({q.shape[0]},), got {tuple(scale.shape)}")
 
 
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """x ``(..., d)`` contiguous -> float32 L2 norms ``(...)``."""
-    D = x.shape[-1]
-    R = x.numel() // max(D, 1)
-    out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+def _row_norms(q: torch.Tensor, k: torch.Tensor):
+    """q ``(S, B, C, d)``, k ``(S, B, N, d)`` contiguous, one dtype -> their float32 L2 row norms ``(S, B, C)``,
+    ``(S, B, N)``, from one launch."""
+    D = q.shape[-1]
+    RQ, RK = q.numel() // D, k.numel() // D
+    qn = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    kn = torch.empty(k.shape[:-1], dtype=torch.float32, device=k.device)
     bd = block_size(D, 128)
-    br = block_size(R, max(16, 4096 // bd))
-    _row_norm_kernel[(cdiv(R, br),)](x, out, R, D, BLOCK_R=br, BLOCK_D=bd, num_warps=num_warps(br * bd))
-    return out
+    br = block_size(max(RQ, RK), max(16, 4096 // bd))
+    blocks_q = cdiv(RQ, br)
+    _row_norms_kernel[(blocks_q + cdiv(RK, br),)](
+        q, qn, k, kn, RQ, RK, D, blocks_q, BLOCK_R=br, BLOCK_D=bd, num_warps=num_warps(br * bd),
+    )
+    return qn, kn
 
 
 def mask_logits_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -364,7 +384,7 @@ def mask_logits_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, n
         return (cdiv(C, meta["BLOCK_C"]) * cdiv(N, meta["BLOCK_N"]), B)
 
     if normalize:
-        qn, kn = _row_norms(q), _row_norms(k)
+        qn, kn = _row_norms(q, k)
     else:  # the kernel skips these loads; any float32 buffer will do as the pointer
         qn = kn = torch.empty(1, dtype=torch.float32, device=q.device)
     _mask_logits_fwd_kernel[grid](
@@ -386,7 +406,7 @@ def mask_logits_backward(grad, q, k, scale, normalize: bool):
     bc, bn, bd = block_size(C, _CAP_C), block_size(N, _CAP_N), block_size(D, _CAP_D)
     precision = dot_precision(cd)
     if normalize:
-        qn, kn = _row_norms(q_c), _row_norms(k_c)
+        qn, kn = _row_norms(q_c, k_c)
         num_n = cdiv(N, bn)
         rdq_part = torch.empty((S, B, num_n, C), dtype=torch.float32, device=dev)
         rdk = torch.empty((S, B, N), dtype=torch.float32, device=dev)

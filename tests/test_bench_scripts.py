@@ -91,7 +91,7 @@ def test_results_csv_append_and_refusal(tmp_path, monkeypatch):
     assert results_io.git_commit() == "abc1234"
 
 
-@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_train_check.sh", "gpu_env.sh"])
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_train_check.sh", "gpu_recheck.sh", "gpu_env.sh"])
 def test_gpu_scripts_parse(script):
     """The GPU scripts run only on a lent GPU machine, where a syntax error would cost a whole device session:
     bash must at least parse them here (their dry run, without CUDA, is a manual check: see the README)."""

@@ -60,6 +60,14 @@ def recorded_launches():
         GridExecutor.__call__ = original
 
 
+def _not_specialized(fn):
+    """Names and indices of ``fn``'s parameters marked ``do_not_specialize`` (kept by the interpreter's wrapper)."""
+    obj = getattr(sys.modules[fn.__module__], fn.__name__)
+    while type(obj).__name__ != "InterpretedFunction" and hasattr(obj, "fn"):  # unwrap autotune
+        obj = obj.fn
+    return set(getattr(obj, "kwargs", {}).get("do_not_specialize") or ())
+
+
 def _signature(fn, args, kwargs):
     """``(signature, constexprs, options)`` of one launch, in ``triton.compile``'s terms."""
     from triton.runtime.jit import JITFunction
@@ -67,8 +75,9 @@ def _signature(fn, args, kwargs):
     jit = JITFunction(fn)  # the interpreter's wrapper has no parameter metadata
     bound = dict(zip(jit.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in jit.arg_names})
+    not_specialized = _not_specialized(fn)
     signature, constexprs = {}, {}
-    for param in jit.params:
+    for index, param in enumerate(jit.params):
         value = bound[param.name]
         if param.is_constexpr:
             signature[param.name] = "constexpr"
@@ -78,6 +87,11 @@ def _signature(fn, args, kwargs):
             signature[param.name] = "*" + TYPE_NAMES[value.dtype]
         elif isinstance(value, bool):
             signature[param.name] = "i1"
+        elif isinstance(value, int) and value == 1 and not {param.name, index} & not_specialized:
+            # as on a GPU: Triton compiles an integer argument equal to 1 as the constant 1 (a variant of its own,
+            # e.g. B = 1 or a one-block segment), so that variant must compile too
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = 1
         elif isinstance(value, int):
             signature[param.name] = "i64" if not -2**31 <= value < 2**31 else "i32"
         elif isinstance(value, float):
