@@ -22,7 +22,8 @@ Backward, with ``G = d out`` of shape ``(S, B, C, e)`` and ``Gsum[s] = sum_b G[s
 All reductions are fixed-order sums of float32 partials (deterministic, no atomics). The last ones (the partials of
 d text and d g over stages and program blocks, d bias over classes) and the casts to the inputs' dtypes run as one
 small kernel: as separate PyTorch sums and casts they were six more launches in a backward that takes tens of
-microseconds on the GPU (H200, B=8, C=15: 0.031 ms, two kernels and seven small ops), where each launch costs a few.
+microseconds on the GPU (H200, B=8, C=15: about 0.031 ms, forward+backward less forward; two kernels and seven
+small ops), where each launch costs a few.
 """
 
 from __future__ import annotations
