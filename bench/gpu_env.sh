@@ -79,3 +79,14 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/d
 # autotuning each new shape on the CPU, which parallelises; without it the tests run in one process
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
+
+# loader_workers: how many data-loader workers the pipeline run can use. Workers hand batches over through /dev/shm
+# (~25 MB each, two in flight per worker): a small one (a container's 64 MB default) would kill the run, so fewer then.
+loader_workers() {
+    local shm_kb workers=8
+    shm_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+    if [ "${shm_kb:-0}" -lt 4194304 ]; then workers=2; fi
+    if [ "${shm_kb:-0}" -lt 524288 ]; then workers=0; fi
+    log "/dev/shm has ${shm_kb:-?} KiB free: $workers loader workers" >&2
+    echo "$workers"
+}

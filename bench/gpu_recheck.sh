@@ -44,10 +44,7 @@ fi
 
 # 4. the training pipeline (bench/gpu_train_check.sh's step 2)
 if [ "$RECHECK_PIPELINE" = 1 ]; then
-    shm_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
-    workers=8
-    if [ "${shm_kb:-0}" -lt 4194304 ]; then workers=2; fi
-    if [ "${shm_kb:-0}" -lt 524288 ]; then workers=0; fi
+    workers=$(loader_workers)
     if [ -n "$DRY" ]; then
         step "pipeline run (tiny, dry run)" 90 "$OUT/train_check.log" $PY bench/pipeline_run.py --tiny --iters 2 --num-workers 0 --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" --set train.eval_at_end=false
     else

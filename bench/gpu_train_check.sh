@@ -24,14 +24,9 @@ if [ -z "$DRY" ]; then
     step "train speed" 60 "$LOG" $PY bench/train_speed.py --out "$OUT/results_train.csv" --backends reference,triton \
         --precisions bf16 --variants default,per-stage-decoders,mha-blocks,foreach-adamw --rounds 2
     # 2. the training pipeline end to end: VOC preset, an OpenAI-format CLIP file with random weights, procedural
-    #    VOC-layout data at VOC's sizes, data-loader workers, 300 iterations, checkpoint, evaluation
-    #    Loader workers hand batches over through /dev/shm (~25 MB each, two in flight per worker): a small one (a
-    #    container's 64 MB default) would kill the step, so fewer workers then (the log says how many)
-    shm_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
-    workers=8
-    if [ "${shm_kb:-0}" -lt 4194304 ]; then workers=2; fi
-    if [ "${shm_kb:-0}" -lt 524288 ]; then workers=0; fi
-    log "/dev/shm has ${shm_kb:-?} KiB free: $workers loader workers"
+    #    VOC-layout data at VOC's sizes, data-loader workers (fewer with a small /dev/shm: gpu_env.sh's
+    #    loader_workers), 300 iterations, checkpoint, evaluation
+    workers=$(loader_workers)
     step "pipeline run" 100 "$LOG" $PY bench/pipeline_run.py --out "$(mktemp -d)" --csv "$OUT/results_pipeline.csv" \
         --iters 300 --num-workers "$workers"
     # 3. eager vs torch.compile of the bf16 step (each configuration compiles once), with what is left of ~3.7 min
