@@ -1,9 +1,9 @@
 # Shared set-up of the GPU scripts (sourced by bench/gpu_check.sh, bench/gpu_train_check.sh and bench/gpu_recheck.sh,
 # never run alone).
 #
-# Expects OUT (an existing folder) and LOG (a file under it). Defines REPO, PY, START, log, step, DRY, XDIST; makes
-# open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the machine's
-# Python environment may not be writable) and cascade_clip.kernels importable through a symlink
+# Expects OUT (an existing folder) and LOG (a file under it). Defines REPO, PY, START, log, step, loader_workers, DRY,
+# XDIST; makes open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the
+# machine's Python environment may not be writable) and cascade_clip.kernels importable through a symlink
 # cascade_clip/kernels -> ../kernels (removed on exit when made here). Python puts the working directory first on
 # sys.path, so a separate symlinked tree would be shadowed by ./cascade_clip, which has no kernels/ subfolder.
 

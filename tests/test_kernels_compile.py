@@ -179,7 +179,10 @@ def collect_jobs():
                 signature, constexprs, options = _signature(fn, args, kwargs)
                 add(fn, signature, constexprs, options, capabilities)
                 for config in autotuned.get(fn.__name__, ()) if all_configs else ():
-                    add(fn, signature, {**constexprs, **config.kwargs},
+                    # the launch with this config's values, classified as the launch's own (a runtime argument a
+                    # config sets, the descriptor's IMAGE_GROUPS, stays a runtime argument)
+                    signature, constexprs, _ = _signature(fn, args, {**kwargs, **config.kwargs})
+                    add(fn, signature, constexprs,
                         {"num_warps": config.num_warps, "num_stages": config.num_stages}, capabilities)
     finally:
         torch.set_float32_matmul_precision(previous)
