@@ -19,11 +19,7 @@ OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
-GPU_RUN_FIRST=1 source "$(dirname "$0")/gpu_env.sh"
-# one run id for every benchmark invocation below: the renderer takes ratios only within a run, and a second run on
-# the same commit (a repeat after a timeout, a stale .git) must not mix its rows into this one's
-export CASCADE_CLIP_RUN_ID="${CASCADE_CLIP_RUN_ID:-$(date -u -d "@$START" +%Y-%m-%dT%H:%M:%SZ)-$(uname -n)}"
-log "benchmark run id $CASCADE_CLIP_RUN_ID"
+GPU_RUN_FIRST=1 source "$(dirname "$0")/gpu_env.sh"  # first of the device call: its deadline and benchmark run id
 
 # the editable install (its C++ build may take a while; the Triton tests do not need it) runs in the background
 if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then  # local dry runs: leave this machine's install alone

@@ -2,7 +2,7 @@
 # never run alone).
 #
 # Expects OUT (an existing folder) and LOG (a file under it). Defines REPO, PY, START, log, step, loader_workers, DRY,
-# XDIST; makes open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the
+# XDIST and, with GPU_RUN_FIRST=1, exports CASCADE_CLIP_RUN_ID; makes open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the
 # machine's Python environment may not be writable) and cascade_clip.kernels importable through a symlink
 # cascade_clip/kernels -> ../kernels (removed on exit when made here). Python puts the working directory first on
 # sys.path, so a separate symlinked tree would be shadowed by ./cascade_clip, which has no kernels/ subfolder.
@@ -79,6 +79,14 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/d
 # autotuning each new shape on the CPU, which parallelises; without it the tests run in one process
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
+
+# The first script of a device call (GPU_RUN_FIRST=1) names one run for every benchmark invocation after it: the
+# renderer takes ratios only within a run, and a second run on the same commit (a repeat after a timeout, a stale
+# .git) must not mix its rows into this one's
+if [ "${GPU_RUN_FIRST:-0}" = 1 ]; then
+    export CASCADE_CLIP_RUN_ID="${CASCADE_CLIP_RUN_ID:-$(date -u -d "@$START" +%Y-%m-%dT%H:%M:%SZ)-$(uname -n)}"
+    log "benchmark run id $CASCADE_CLIP_RUN_ID"
+fi
 
 # loader_workers: how many data-loader workers the pipeline run can use. Workers hand batches over through /dev/shm
 # (~25 MB each, two in flight per worker): a small one (a container's 64 MB default) would kill the run, so fewer then.

@@ -20,9 +20,7 @@ OUT=${1:?usage: bash bench/gpu_recheck.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu_check.log"
-GPU_RUN_FIRST=1 source "$(dirname "$0")/gpu_env.sh"
-export CASCADE_CLIP_RUN_ID="${CASCADE_CLIP_RUN_ID:-$(date -u -d "@$START" +%Y-%m-%dT%H:%M:%SZ)-$(uname -n)}"
-log "benchmark run id $CASCADE_CLIP_RUN_ID"
+GPU_RUN_FIRST=1 source "$(dirname "$0")/gpu_env.sh"  # first of the device call: its deadline and benchmark run id
 RECHECK_K=${RECHECK_K:-"descriptor or mask_logits or compile_fullgraph"}
 RECHECK_OPS=${RECHECK_OPS-descriptor,mask_logits}
 RECHECK_CLASSES=${RECHECK_CLASSES:-15,20}
