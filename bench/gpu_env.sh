@@ -2,9 +2,10 @@
 # never run alone).
 #
 # Expects OUT (an existing folder) and LOG (a file under it). Defines REPO, PY, START, log, step, loader_workers, DRY,
-# XDIST and, with GPU_RUN_FIRST=1, exports CASCADE_CLIP_RUN_ID; makes open_clip importable from the carried ./wheels when the machine lacks it (into a private folder: the
-# machine's Python environment may not be writable) and cascade_clip.kernels importable through a symlink
-# cascade_clip/kernels -> ../kernels (removed on exit when made here). Python puts the working directory first on
+# XDIST and, with GPU_RUN_FIRST=1, exports CASCADE_CLIP_RUN_ID; makes open_clip importable from the carried ./wheels
+# when the machine lacks it (into a private folder: the machine's Python environment may not be writable) and
+# cascade_clip.kernels importable through a symlink cascade_clip/kernels -> ../kernels (removed on exit when made
+# here). Python puts the working directory first on
 # sys.path, so a separate symlinked tree would be shadowed by ./cascade_clip, which has no kernels/ subfolder.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
